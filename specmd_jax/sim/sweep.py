@@ -1,0 +1,224 @@
+"""Sweeps: many (policy, capacity, hyper-parameter, seed) configurations over one trace.
+
+Configurations are grouped by policy; each group is one jit-compiled, vmapped call of
+`specmd_jax.sim.engine.simulate_batch`, so a capacity sweep of one policy compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specmd_jax.policies.registry import get_policy
+from specmd_jax.sim.engine import SweepTotals, simulate_batch
+from specmd_jax.sim.requests import StepRequests, build_requests
+from specmd_jax.traces.trace import Trace
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("global", "per-layer")
+
+
+class CapacityError(ValueError):
+    """A capacity that cannot be simulated on a trace (too small for a step's request set)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """A capacity as the user gave it: a fraction of all L x E experts, or a slot count."""
+
+    value: float | int
+    is_fraction: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Capacity:
+        """Parse "0.05" (a fraction in (0, 1]) or "96" (a slot count)."""
+        text = text.strip()
+        try:
+            if any(ch in text for ch in ".eE"):
+                fraction = float(text)
+                if not 0.0 < fraction <= 1.0:
+                    raise ValueError
+                return cls(fraction, True)
+            slots = int(text)
+            if slots < 1:
+                raise ValueError
+            return cls(slots, False)
+        except ValueError:
+            raise ValueError(
+                f"invalid capacity '{text}': expected a fraction in (0, 1] such as 0.05, or a slot count >= 1 such as 96"
+            ) from None
+
+    def slots(self, num_layers: int, num_experts: int) -> int:
+        """Total slots: floor(f * L * E + 0.5) for a fraction f, else the count itself."""
+        if self.is_fraction:
+            return int(np.floor(self.value * num_layers * num_experts + 0.5))
+        return int(self.value)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}" if self.is_fraction else str(self.value)
+
+
+def pool_capacity(total_slots: int, scope: str, num_layers: int) -> int:
+    """Slots of one pool: all of them for `global` scope, floor(C / L) per layer for `per-layer`."""
+    check_scope(scope)
+    return total_slots if scope == "global" else total_slots // num_layers
+
+
+def check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"invalid scope '{scope}': expected one of {', '.join(SCOPES)}")
+
+
+def check_capacity(total_slots: int, scope: str, requests: StepRequests) -> None:
+    """Raise `CapacityError` when a pool of this capacity cannot hold some step's request set."""
+    needed = int(requests.counts.max(initial=0))
+    slots = pool_capacity(total_slots, scope, requests.num_layers)
+    if slots < needed:
+        where = np.unravel_index(int(np.argmax(requests.counts)), requests.counts.shape)
+        pool = "per layer " if scope == "per-layer" else ""
+        raise CapacityError(
+            f"capacity {total_slots} slots gives {slots} slots {pool}({scope} scope), fewer than the "
+            f"{needed} distinct experts requested at pass {where[0]}, layer {where[1]}; use at least "
+            f"{needed if scope == 'global' else needed * requests.num_layers} slots"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    """One configuration: a policy, a total capacity in slots, its hyper-parameters and a seed."""
+
+    policy: str
+    capacity: int
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        """Policy name with its non-default hyper-parameters, e.g. "s3fifo(small_fraction=0.2)"."""
+        if not self.params:
+            return self.policy
+        inner = ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in sorted(self.params.items()))
+        return f"{self.policy}({inner})"
+
+
+@dataclasses.dataclass(frozen=True)
+class SimResult:
+    """Totals of one configuration."""
+
+    config: SimConfig
+    scope: str
+    requests: int
+    hits: int
+    compulsory_misses: int
+    capacity_misses: int
+    collision_misses: int
+    evictions: int
+    requests_per_layer: np.ndarray
+    hits_per_layer: np.ndarray
+
+    @property
+    def misses(self) -> int:
+        return self.requests - self.hits
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else float("nan")
+
+    @property
+    def hit_rate_per_layer(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.hits_per_layer / self.requests_per_layer
+
+
+def _policy_params(config: SimConfig):
+    policy = get_policy(config.policy)
+    defaults = policy.default_params()
+    if not config.params:
+        return defaults
+    if not hasattr(defaults, "_replace"):
+        raise ValueError(f"policy '{config.policy}' takes no hyper-parameters, got {sorted(config.params)}")
+    unknown = sorted(set(config.params) - set(defaults._fields))
+    if unknown:
+        raise ValueError(f"policy '{config.policy}' has no hyper-parameter {unknown}; it has {list(defaults._fields)}")
+    return defaults._replace(**config.params)
+
+
+def _stack(trees: Sequence[Any]):
+    return jax.tree.map(lambda *leaves: jnp.stack([jnp.asarray(leaf) for leaf in leaves]), *trees)
+
+
+def run_sweep(
+    trace: Trace | StepRequests,
+    configs: Iterable[SimConfig],
+    *,
+    scope: str = "per-layer",
+    num_experts: int | None = None,
+    record_events: bool = False,
+    unroll: int = 1,
+) -> list[SimResult] | tuple[list[SimResult], dict[SimConfig, Any]]:
+    """Simulate every configuration; one compiled, vmapped call per policy.
+
+    Raises `CapacityError` if any capacity is infeasible (check with `check_capacity` first to skip).
+    With `record_events`, also return each configuration's `StepEvents` as numpy arrays [T, L, R].
+    """
+    check_scope(scope)
+    if isinstance(trace, Trace):
+        requests = build_requests(trace)
+        num_experts = trace.num_experts
+    else:
+        requests = trace
+        if num_experts is None:
+            raise ValueError("num_experts is required when passing StepRequests")
+    configs = list(configs)
+    for config in configs:
+        check_capacity(config.capacity, scope, requests)
+
+    experts = jnp.asarray(requests.experts)
+    next_step = jnp.asarray(requests.next_step)
+    by_policy: dict[str, list[int]] = {}
+    for index, config in enumerate(configs):
+        by_policy.setdefault(config.policy, []).append(index)
+
+    results: list[SimResult | None] = [None] * len(configs)
+    events_by_config: dict[SimConfig, Any] = {}
+    for name, indices in by_policy.items():
+        policy = get_policy(name)
+        group = [configs[i] for i in indices]
+        params = _stack([_policy_params(config) for config in group])
+        capacities = jnp.asarray([pool_capacity(c.capacity, scope, requests.num_layers) for c in group], jnp.int32)
+        seeds = jnp.asarray([c.seed for c in group], jnp.int32)
+        logger.info("simulating %d configurations of %s (%s scope)", len(group), name, scope)
+        totals, events = simulate_batch(
+            policy, params, capacities, seeds, experts, next_step,
+            scope=scope, num_experts=num_experts, record_events=record_events, unroll=unroll,
+        )
+        totals = jax.device_get(totals)
+        for position, index in enumerate(indices):
+            results[index] = _result(configs[index], scope, totals, position)
+            if record_events:
+                events_by_config[configs[index]] = jax.tree.map(lambda leaf: np.asarray(leaf[position]), events)
+    if record_events:
+        return results, events_by_config
+    return results
+
+
+def _result(config: SimConfig, scope: str, totals: SweepTotals, position: int) -> SimResult:
+    return SimResult(
+        config=config,
+        scope=scope,
+        requests=int(totals.requests[position]),
+        hits=int(totals.hits[position]),
+        compulsory_misses=int(totals.compulsory[position]),
+        capacity_misses=int(totals.capacity[position]),
+        collision_misses=int(totals.collision[position]),
+        evictions=int(totals.evictions[position]),
+        requests_per_layer=np.asarray(totals.requests_per_layer[position]),
+        hits_per_layer=np.asarray(totals.hits_per_layer[position]),
+    )

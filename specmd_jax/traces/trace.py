@@ -1,0 +1,359 @@
+"""The canonical routing trace and its versioned `.npz` file format.
+
+A trace is a sequence of forward passes in execution order. Each pass covers one or more tokens
+(a prefill of P tokens, or one decode token) and, for every MoE layer, each token's selected experts.
+
+Axis names used project-wide:
+  T  forward passes          N  tokens (all passes together)
+  L  MoE layers              E  experts per layer
+  K  experts selected per token (top-k)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import zipfile
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Version written into every trace file; `load_trace` rejects any other."""
+
+PASS_PREFILL = 0
+PASS_DECODE = 1
+PASS_KIND_NAMES = {PASS_PREFILL: "prefill", PASS_DECODE: "decode"}
+
+MISSING_EXPERT = -1
+"""Value of `expert_ids` in a cell whose routing is unknown."""
+
+
+class TraceError(ValueError):
+    """Invalid trace data; the message names the file, field, index, expected and actual value."""
+
+
+def trace_error(origin: str, field: str, index: Any, expected: str, actual: Any) -> TraceError:
+    """Build a `TraceError` whose message follows the project's error layout."""
+    where = f" at index {index}" if index is not None else ""
+    return TraceError(f"{origin}: field '{field}'{where}: expected {expected}, got {actual}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceMetadata:
+    """Facts about the model and the source of a trace."""
+
+    model: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    source: str
+    synthetic: bool = False
+    layer_ids: tuple[int, ...] | None = None  # the model's own numbers of the MoE layers, if known
+    notes: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, origin: str) -> TraceMetadata:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise trace_error(origin, "metadata", None, "a JSON object", f"invalid JSON ({error})") from None
+        if not isinstance(raw, dict):
+            raise trace_error(origin, "metadata", None, "a JSON object", type(raw).__name__)
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {"model", "num_layers", "num_experts", "top_k", "source"}
+        missing = sorted(required - raw.keys())
+        if missing:
+            raise trace_error(origin, "metadata", None, f"keys {sorted(required)}", f"missing {missing}")
+        unknown = sorted(raw.keys() - names)
+        if unknown:
+            raise trace_error(origin, "metadata", None, f"only keys {sorted(names)}", f"unknown {unknown}")
+        if raw.get("layer_ids") is not None:
+            raw["layer_ids"] = tuple(int(x) for x in raw["layer_ids"])
+        return cls(**raw)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Trace:
+    """Routing of a sequence of forward passes.
+
+    Attributes:
+      expert_ids: int16 [N, L, K], each token's selected experts in rank order; `MISSING_EXPERT` in
+        every slot of a missing cell.
+      missing: bool [N, L], True where the routing of (token, layer) is unknown. Such a cell adds no
+        request to the simulation; it is never filled in.
+      pass_offsets: int64 [T + 1], pass p covers tokens pass_offsets[p] .. pass_offsets[p + 1] - 1.
+      pass_kind: int8 [T], `PASS_PREFILL` or `PASS_DECODE`.
+      pass_sequence: int32 [T], the sequence (request) each pass belongs to.
+      metadata: model and source facts.
+      scores: float32 [N, L, K] router scores of the selected experts (NaN in missing cells), or None.
+      router_logits: float32 [N, L, E] full router logits (NaN in missing cells), or None.
+    """
+
+    expert_ids: np.ndarray
+    missing: np.ndarray
+    pass_offsets: np.ndarray
+    pass_kind: np.ndarray
+    pass_sequence: np.ndarray
+    metadata: TraceMetadata
+    scores: np.ndarray | None = None
+    router_logits: np.ndarray | None = None
+
+    @property
+    def num_passes(self) -> int:
+        return int(self.pass_offsets.shape[0] - 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.expert_ids.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return self.metadata.num_layers
+
+    @property
+    def num_experts(self) -> int:
+        return self.metadata.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.metadata.top_k
+
+    @property
+    def num_missing_cells(self) -> int:
+        return int(self.missing.sum())
+
+    @property
+    def name(self) -> str:
+        """Short label used in reports; synthetic traces always carry the word "synthetic"."""
+        label = self.metadata.model
+        if self.metadata.synthetic and "synthetic" not in label:
+            label = f"synthetic:{label}"
+        return label
+
+    def validate(self, origin: str = "<trace>") -> Trace:
+        """Check every invariant of the format; raise `TraceError` on the first violation."""
+        validate_trace(self, origin)
+        return self
+
+
+def _first_index(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _check_array(origin: str, field: str, value: Any, ndim: int, kinds: str, kind_text: str) -> None:
+    if not isinstance(value, np.ndarray):
+        raise trace_error(origin, field, None, "a numpy array", type(value).__name__)
+    if value.ndim != ndim:
+        raise trace_error(origin, field, None, f"{ndim} dimensions", f"shape {value.shape}")
+    if value.dtype.kind not in kinds:
+        raise trace_error(origin, field, None, kind_text, f"dtype {value.dtype}")
+
+
+def validate_trace(trace: Trace, origin: str = "<trace>") -> None:
+    """Raise `TraceError` unless every field of `trace` is consistent with the format above."""
+    meta = trace.metadata
+    for field in ("num_layers", "num_experts", "top_k"):
+        value = getattr(meta, field)
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise trace_error(origin, f"metadata.{field}", None, "a positive integer", repr(value))
+    if meta.top_k > meta.num_experts:
+        raise trace_error(origin, "metadata.top_k", None, f"at most num_experts={meta.num_experts}", meta.top_k)
+    if meta.num_experts > np.iinfo(np.int16).max:
+        raise trace_error(origin, "metadata.num_experts", None, "at most 32767", meta.num_experts)
+    if meta.layer_ids is not None and len(meta.layer_ids) != meta.num_layers:
+        raise trace_error(origin, "metadata.layer_ids", None, f"{meta.num_layers} entries", len(meta.layer_ids))
+    L, E, K = meta.num_layers, meta.num_experts, meta.top_k
+
+    # Shapes and dtypes.
+    _check_array(origin, "expert_ids", trace.expert_ids, 3, "iu", "an integer dtype")
+    N = trace.expert_ids.shape[0]
+    if trace.expert_ids.shape[1:] != (L, K):
+        raise trace_error(origin, "expert_ids", None, f"shape (tokens, {L}, {K})", f"shape {trace.expert_ids.shape}")
+    _check_array(origin, "missing", trace.missing, 2, "b", "dtype bool")
+    if trace.missing.shape != (N, L):
+        raise trace_error(origin, "missing", None, f"shape ({N}, {L})", f"shape {trace.missing.shape}")
+    _check_array(origin, "pass_offsets", trace.pass_offsets, 1, "iu", "an integer dtype")
+    T = trace.pass_offsets.shape[0] - 1
+    if T < 1:
+        raise trace_error(origin, "pass_offsets", None, "at least 2 entries (one pass)", trace.pass_offsets.shape[0])
+    for field in ("pass_kind", "pass_sequence"):
+        value = getattr(trace, field)
+        _check_array(origin, field, value, 1, "iu", "an integer dtype")
+        if value.shape != (T,):
+            raise trace_error(origin, field, None, f"shape ({T},) (one entry per pass)", f"shape {value.shape}")
+
+    # Pass layout: offsets start at 0, strictly increase, and end at the token count.
+    offsets = trace.pass_offsets
+    if offsets[0] != 0:
+        raise trace_error(origin, "pass_offsets", 0, "0", int(offsets[0]))
+    steps = np.diff(offsets)
+    if np.any(steps < 1):
+        index = _first_index(steps < 1)[0] + 1
+        raise trace_error(origin, "pass_offsets", index, f"> {int(offsets[index - 1])} (every pass has a token)", int(offsets[index]))
+    if offsets[-1] != N:
+        raise trace_error(origin, "pass_offsets", T, f"the token count {N}", int(offsets[-1]))
+    bad_kind = ~np.isin(trace.pass_kind, list(PASS_KIND_NAMES))
+    if bad_kind.any():
+        index = _first_index(bad_kind)[0]
+        raise trace_error(origin, "pass_kind", index, f"one of {sorted(PASS_KIND_NAMES)}", int(trace.pass_kind[index]))
+    decode_long = (trace.pass_kind == PASS_DECODE) & (steps != 1)
+    if decode_long.any():
+        index = _first_index(decode_long)[0]
+        raise trace_error(origin, "pass_offsets", index, "1 token in a decode pass", int(steps[index]))
+
+    # Expert ids: in range where present, all MISSING_EXPERT where missing, distinct within a top-k.
+    ids = trace.expert_ids
+    present = ~trace.missing
+    out_of_range = present[:, :, None] & ((ids < 0) | (ids >= E))
+    if out_of_range.any():
+        index = _first_index(out_of_range)
+        raise trace_error(origin, "expert_ids", index, f"an expert id in [0, {E})", int(ids[index]))
+    not_marked = trace.missing[:, :, None] & (ids != MISSING_EXPERT)
+    if not_marked.any():
+        index = _first_index(not_marked)
+        raise trace_error(origin, "expert_ids", index, f"{MISSING_EXPERT} in a missing cell", int(ids[index]))
+    if K > 1:
+        ordered = np.sort(ids, axis=-1)
+        repeated = present & np.any(ordered[:, :, 1:] == ordered[:, :, :-1], axis=-1)
+        if repeated.any():
+            token, layer = _first_index(repeated)
+            raise trace_error(origin, "expert_ids", (token, layer), "distinct experts within one top-k", ids[token, layer].tolist())
+
+    # Optional score arrays: finite and non-negative where present (logits may be negative).
+    if trace.scores is not None:
+        _check_array(origin, "scores", trace.scores, 3, "f", "a float dtype")
+        if trace.scores.shape != ids.shape:
+            raise trace_error(origin, "scores", None, f"shape {ids.shape}", f"shape {trace.scores.shape}")
+        scores = trace.scores
+        bad = present[:, :, None] & ~(np.isfinite(scores) & (scores >= 0))
+        if bad.any():
+            index = _first_index(bad)
+            raise trace_error(origin, "scores", index, "a finite score >= 0", float(scores[index]))
+    if trace.router_logits is not None:
+        _check_array(origin, "router_logits", trace.router_logits, 3, "f", "a float dtype")
+        if trace.router_logits.shape != (N, L, E):
+            raise trace_error(origin, "router_logits", None, f"shape ({N}, {L}, {E})", f"shape {trace.router_logits.shape}")
+        bad = present[:, :, None] & ~np.isfinite(trace.router_logits)
+        if bad.any():
+            index = _first_index(bad)
+            raise trace_error(origin, "router_logits", index, "a finite logit", float(trace.router_logits[index]))
+
+
+def _cast(value: Any, kinds: str, dtype: type) -> np.ndarray:
+    """Convert to the canonical dtype when the kind already fits; leave it for validation otherwise."""
+    array = np.asarray(value)
+    return array.astype(dtype) if array.dtype.kind in kinds else array
+
+
+def make_trace(
+    expert_ids: np.ndarray,
+    metadata: TraceMetadata,
+    *,
+    missing: np.ndarray | None = None,
+    pass_offsets: np.ndarray | None = None,
+    pass_kind: np.ndarray | None = None,
+    pass_sequence: np.ndarray | None = None,
+    scores: np.ndarray | None = None,
+    router_logits: np.ndarray | None = None,
+    origin: str = "<trace>",
+) -> Trace:
+    """Build and validate a trace; by default every token is its own decode pass of one sequence."""
+    expert_ids = np.asarray(expert_ids)
+    if expert_ids.ndim != 3:
+        raise trace_error(origin, "expert_ids", None, "3 dimensions (tokens, layers, top_k)", f"shape {expert_ids.shape}")
+    num_tokens = expert_ids.shape[0]
+    if missing is None:
+        missing = np.zeros(expert_ids.shape[:2], dtype=bool)
+    if pass_offsets is None:
+        pass_offsets = np.arange(num_tokens + 1, dtype=np.int64)
+    num_passes = len(pass_offsets) - 1
+    if pass_kind is None:
+        pass_kind = np.full(num_passes, PASS_DECODE, dtype=np.int8)
+    if pass_sequence is None:
+        pass_sequence = np.zeros(num_passes, dtype=np.int32)
+    if expert_ids.dtype.kind in "iu" and expert_ids.size:
+        low, high = int(expert_ids.min()), int(expert_ids.max())
+        if high > np.iinfo(np.int16).max or low < np.iinfo(np.int16).min:
+            raise trace_error(origin, "expert_ids", None, "values that fit int16", f"range [{low}, {high}]")
+    trace = Trace(
+        expert_ids=_cast(expert_ids, "iu", np.int16),
+        missing=np.asarray(missing),
+        pass_offsets=_cast(pass_offsets, "iu", np.int64),
+        pass_kind=_cast(pass_kind, "iu", np.int8),
+        pass_sequence=_cast(pass_sequence, "iu", np.int32),
+        metadata=metadata,
+        scores=None if scores is None else _cast(scores, "f", np.float32),
+        router_logits=None if router_logits is None else _cast(router_logits, "f", np.float32),
+    )
+    return trace.validate(origin)
+
+
+_ARRAY_FIELDS = ("expert_ids", "missing", "pass_offsets", "pass_kind", "pass_sequence")
+_OPTIONAL_FIELDS = ("scores", "router_logits")
+
+
+def save_trace(trace: Trace, path: str | os.PathLike) -> None:
+    """Write `trace` as a compressed `.npz` of format `FORMAT_VERSION`."""
+    trace.validate(str(path))
+    arrays: dict[str, np.ndarray] = {name: getattr(trace, name) for name in _ARRAY_FIELDS}
+    for name in _OPTIONAL_FIELDS:
+        value = getattr(trace, name)
+        if value is not None:
+            arrays[name] = value
+    arrays["format_version"] = np.asarray(FORMAT_VERSION, dtype=np.int32)
+    arrays["metadata"] = np.asarray(trace.metadata.to_json())
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def is_canonical_npz(path: str | os.PathLike) -> bool:
+    """Tell whether `path` is an `.npz` written by `save_trace` (it has a `format_version` entry)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "format_version.npy" in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_trace(path: str | os.PathLike) -> Trace:
+    """Read a trace written by `save_trace`; raise `TraceError` on an unknown version or bad data."""
+    origin = str(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise TraceError(f"{origin}: file not found") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        raise TraceError(f"{origin}: not a readable .npz trace file ({error})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise TraceError(f"{origin}: expected an .npz archive, got a single .npy array")
+    with archive:
+        try:
+            keys = set(archive.files)
+            if "format_version" not in keys:
+                raise trace_error(origin, "format_version", None, f"version {FORMAT_VERSION}", "no such key (not a specmd-jax trace file)")
+            version = int(archive["format_version"])
+            if version != FORMAT_VERSION:
+                raise trace_error(
+                    origin, "format_version", None, f"version {FORMAT_VERSION}",
+                    f"version {version} (written by another specmd-jax release; convert it with that release)",
+                )
+            absent = [name for name in (*_ARRAY_FIELDS, "metadata") if name not in keys]
+            if absent:
+                raise trace_error(origin, absent[0], None, "a stored array", "no such key")
+            metadata = TraceMetadata.from_json(str(archive["metadata"]), origin)
+            fields = {name: archive[name] for name in _ARRAY_FIELDS}
+            for name in _OPTIONAL_FIELDS:
+                fields[name] = archive[name] if name in keys else None
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+            if isinstance(error, TraceError):
+                raise
+            raise TraceError(f"{origin}: truncated or corrupt .npz member ({error})") from None
+    return Trace(metadata=metadata, **fields).validate(origin)

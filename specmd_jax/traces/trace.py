@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -75,8 +76,11 @@ class TraceMetadata:
         unknown = sorted(raw.keys() - names)
         if unknown:
             raise trace_error(origin, "metadata", None, f"only keys {sorted(names)}", f"unknown {unknown}")
-        if raw.get("layer_ids") is not None:
-            raw["layer_ids"] = tuple(int(x) for x in raw["layer_ids"])
+        layer_ids = raw.get("layer_ids")
+        if layer_ids is not None:
+            if not isinstance(layer_ids, list) or not all(isinstance(x, int) for x in layer_ids):
+                raise trace_error(origin, "metadata.layer_ids", None, "a list of integers or null", repr(layer_ids))
+            raw["layer_ids"] = tuple(layer_ids)
         return cls(**raw)
 
 
@@ -327,6 +331,18 @@ def load_trace(path: str | os.PathLike) -> Trace:
     """Read a trace written by `save_trace`; raise `TraceError` on an unknown version or bad data."""
     origin = str(path)
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except FileNotFoundError:
+        raise TraceError(f"{origin}: file not found") from None
+    except OSError as error:
+        raise TraceError(f"{origin}: not a readable .npz trace file ({error})") from None
+    if magic != b"PK\x03\x04":
+        raise TraceError(
+            f"{origin}: not a readable .npz trace file (no zip header); "
+            "convert other formats with `specmd-jax traces convert`"
+        )
+    try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise TraceError(f"{origin}: file not found") from None
@@ -339,7 +355,10 @@ def load_trace(path: str | os.PathLike) -> Trace:
             keys = set(archive.files)
             if "format_version" not in keys:
                 raise trace_error(origin, "format_version", None, f"version {FORMAT_VERSION}", "no such key (not a specmd-jax trace file)")
-            version = int(archive["format_version"])
+            stored_version = archive["format_version"]
+            if stored_version.dtype.kind not in "iu" or stored_version.ndim != 0:
+                raise trace_error(origin, "format_version", None, f"an integer scalar ({FORMAT_VERSION})", f"{stored_version.dtype} array of shape {stored_version.shape}")
+            version = int(stored_version)
             if version != FORMAT_VERSION:
                 raise trace_error(
                     origin, "format_version", None, f"version {FORMAT_VERSION}",
@@ -352,7 +371,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
             fields = {name: archive[name] for name in _ARRAY_FIELDS}
             for name in _OPTIONAL_FIELDS:
                 fields[name] = archive[name] if name in keys else None
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as error:
             if isinstance(error, TraceError):
                 raise
             raise TraceError(f"{origin}: truncated or corrupt .npz member ({error})") from None

@@ -1,0 +1,286 @@
+"""Tests of the canonical `.npz` trace format: exact round trips and rejection of bad files."""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specmd_jax.traces.flame import load_flame_npz
+from specmd_jax.traces.mixtral import load_mixtral_jsonl
+from specmd_jax.traces.trace import (
+    FORMAT_VERSION,
+    MISSING_EXPERT,
+    PASS_DECODE,
+    PASS_PREFILL,
+    Trace,
+    TraceError,
+    TraceMetadata,
+    load_trace,
+    make_trace,
+    save_trace,
+)
+
+ARRAY_FIELDS = ("expert_ids", "missing", "pass_offsets", "pass_kind", "pass_sequence", "scores", "router_logits")
+
+
+def assert_identical(expected: Trace, actual: Trace) -> None:
+    """Check every array bit for bit (NaN payloads included) and the metadata."""
+    for field in ARRAY_FIELDS:
+        want, got = getattr(expected, field), getattr(actual, field)
+        if want is None:
+            assert got is None, field
+            continue
+        assert got.dtype == want.dtype, field
+        assert got.shape == want.shape, field
+        assert np.array_equal(got, want, equal_nan=want.dtype.kind == "f"), field
+        assert got.tobytes() == want.tobytes(), field
+    assert actual.metadata == expected.metadata
+
+
+def mixed_trace() -> Trace:
+    """Two sequences with a prefill pass each, decode passes, missing cells, scores and logits."""
+    rng = np.random.default_rng(7)
+    num_tokens, num_layers, num_experts, top_k = 9, 3, 6, 2
+    expert_ids = np.stack(
+        [np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(num_layers)]) for _ in range(num_tokens)]
+    )
+
+    missing = np.zeros((num_tokens, num_layers), dtype=bool)
+    missing[4, 1] = True
+    missing[7] = True
+    expert_ids[missing] = MISSING_EXPERT
+    scores = rng.random((num_tokens, num_layers, top_k)).astype(np.float32)
+    scores[missing] = np.nan
+    logits = rng.normal(size=(num_tokens, num_layers, num_experts)).astype(np.float32)
+    logits[missing] = np.nan
+
+    metadata = TraceMetadata(
+        model="mixed",
+        num_layers=num_layers,
+        num_experts=num_experts,
+        top_k=top_k,
+        source="generated in test",
+        layer_ids=(1, 3, 5),
+        notes="prefill and decode",
+    )
+    return make_trace(
+        expert_ids,
+        metadata,
+        missing=missing,
+        pass_offsets=np.array([0, 3, 4, 5, 7, 8, 9]),
+        pass_kind=np.array([PASS_PREFILL, PASS_DECODE, PASS_DECODE, PASS_PREFILL, PASS_DECODE, PASS_DECODE]),
+        pass_sequence=np.array([0, 0, 0, 1, 1, 1]),
+        scores=scores,
+        router_logits=logits,
+    )
+
+
+def small_trace() -> Trace:
+    metadata = TraceMetadata(model="tiny", num_layers=2, num_experts=4, top_k=1, source="test")
+    return make_trace(np.array([[[0], [1]], [[2], [3]]]), metadata)
+
+
+def rewrite_members(path: Path, **changes: np.ndarray | None) -> None:
+    """Rewrite a saved trace with some members replaced, where a change of None removes that member."""
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    for name, value in changes.items():
+        if value is None:
+            del arrays[name]
+        else:
+            arrays[name] = value
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def corrupt_member(path: Path, member: str) -> None:
+    """Overwrite the first byte of a compressed member with an invalid deflate block type."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    data = bytearray(path.read_bytes())
+    name_length = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_length = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    data[info.header_offset + 30 + name_length + extra_length] = 0xFF
+    path.write_bytes(bytes(data))
+
+
+# Round trips ----------------------------------------------------------------------------------------
+
+
+def test_round_trip_flame(tmp_path: Path, flame_npz: Path) -> None:
+    trace = load_flame_npz(flame_npz)
+    path = tmp_path / "flame.npz"
+    save_trace(trace, path)
+    assert_identical(trace, load_trace(path))
+
+
+def test_round_trip_mixtral(tmp_path: Path, mixtral_jsonl: Path) -> None:
+    trace = load_mixtral_jsonl(mixtral_jsonl)
+    path = tmp_path / "mixtral.npz"
+    save_trace(trace, path)
+    loaded = load_trace(path)
+    assert_identical(trace, loaded)
+    assert loaded.num_missing_cells == 37
+
+
+def test_round_trip_mixed_passes(tmp_path: Path) -> None:
+    trace = mixed_trace()
+    path = tmp_path / "mixed.npz"
+    save_trace(trace, path)
+    loaded = load_trace(path)
+    assert_identical(trace, loaded)
+    assert loaded.num_passes == 6
+    assert loaded.metadata.layer_ids == (1, 3, 5)
+
+
+def test_round_trip_without_scores(tmp_path: Path) -> None:
+    trace = small_trace()
+    path = tmp_path / "tiny.npz"
+    save_trace(trace, path)
+    loaded = load_trace(path)
+    assert loaded.scores is None
+    assert loaded.router_logits is None
+    assert_identical(trace, loaded)
+
+
+def test_saved_file_members(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.npz"
+    save_trace(mixed_trace(), path)
+    with np.load(path) as archive:
+        assert int(archive["format_version"]) == FORMAT_VERSION
+        assert json.loads(str(archive["metadata"]))["model"] == "mixed"
+        assert sorted(archive.files) == sorted([*ARRAY_FIELDS, "format_version", "metadata"])
+
+
+def test_save_keeps_given_name(tmp_path: Path) -> None:
+    path = tmp_path / "trace.bin"
+    save_trace(small_trace(), path)
+    assert path.exists()
+    assert load_trace(path).metadata.model == "tiny"
+
+
+# Rejected files -------------------------------------------------------------------------------------
+
+
+def test_load_unknown_version(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    save_trace(small_trace(), path)
+    rewrite_members(path, format_version=np.asarray(99, dtype=np.int32))
+    with pytest.raises(TraceError, match=re.escape(f"{path}: field 'format_version': expected version {FORMAT_VERSION}, got version 99")):
+        load_trace(path)
+
+
+def test_load_without_version(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    save_trace(small_trace(), path)
+    rewrite_members(path, format_version=None)
+    pattern = re.escape(f"{path}: field 'format_version': expected version {FORMAT_VERSION}, got no such key")
+    with pytest.raises(TraceError, match=pattern):
+        load_trace(path)
+
+
+@pytest.mark.parametrize("member", ["expert_ids", "missing", "pass_offsets", "pass_kind", "pass_sequence", "metadata"])
+def test_load_missing_member(tmp_path: Path, member: str) -> None:
+    path = tmp_path / "trace.npz"
+    save_trace(small_trace(), path)
+    rewrite_members(path, **{member: None})
+    with pytest.raises(TraceError, match=re.escape(f"{path}: field '{member}': expected a stored array, got no such key")):
+        load_trace(path)
+
+
+def test_load_invalid_metadata_json(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    save_trace(small_trace(), path)
+    rewrite_members(path, metadata=np.asarray("{model: tiny"))
+    with pytest.raises(TraceError, match=re.escape(f"{path}: field 'metadata': expected a JSON object, got invalid JSON")):
+        load_trace(path)
+
+
+def test_load_metadata_missing_key(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    save_trace(small_trace(), path)
+    raw = json.loads(small_trace().metadata.to_json())
+    del raw["top_k"]
+    rewrite_members(path, metadata=np.asarray(json.dumps(raw)))
+    with pytest.raises(TraceError, match=re.escape(f"{path}: field 'metadata': expected keys ")) as info:
+        load_trace(path)
+    assert "got missing ['top_k']" in str(info.value)
+
+
+def test_load_invalid_content(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    save_trace(small_trace(), path)
+    rewrite_members(path, expert_ids=np.array([[[0], [1]], [[2], [4]]], dtype=np.int16))
+    with pytest.raises(TraceError, match=re.escape(f"{path}: field 'expert_ids' at index (1, 1, 0): expected an expert id in [0, 4), got 4")):
+        load_trace(path)
+
+
+def test_load_truncated_npz(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    save_trace(mixed_trace(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TraceError, match=re.escape(f"{path}: not a readable .npz trace file")):
+        load_trace(path)
+
+
+def test_load_text_file(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    path.write_text('{"model": "tiny"}\n')
+    with pytest.raises(TraceError, match=re.escape(f"{path}: not a readable .npz trace file")):
+        load_trace(path)
+
+
+def test_load_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    path.write_bytes(b"")
+    with pytest.raises(TraceError, match=re.escape(f"{path}: not a readable .npz trace file")):
+        load_trace(path)
+
+
+def test_load_directory(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match=re.escape(f"{tmp_path}: not a readable .npz trace file")):
+        load_trace(tmp_path)
+
+
+def test_load_file_not_found(tmp_path: Path) -> None:
+    path = tmp_path / "absent.npz"
+    with pytest.raises(TraceError, match=re.escape(f"{path}: file not found")):
+        load_trace(path)
+
+
+def test_load_single_npy(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npy"
+    np.save(path, np.zeros(3))
+    with pytest.raises(TraceError, match=re.escape(f"{path}: not a readable .npz trace file (no zip header)")):
+        load_trace(path)
+
+
+def test_load_flame_file_as_canonical(flame_npz: Path) -> None:
+    pattern = re.escape(f"{flame_npz}: field 'format_version': expected version {FORMAT_VERSION}, got no such key")
+    with pytest.raises(TraceError, match=pattern):
+        load_trace(flame_npz)
+
+
+def test_load_corrupt_member(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    save_trace(mixed_trace(), path)
+    corrupt_member(path, "expert_ids.npy")
+    with pytest.raises(TraceError, match=re.escape(f"{path}: truncated or corrupt .npz member")):
+        load_trace(path)
+
+
+def test_load_metadata_layer_ids_not_list(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    save_trace(small_trace(), path)
+    raw = json.loads(small_trace().metadata.to_json())
+    raw["layer_ids"] = 5
+    rewrite_members(path, metadata=np.asarray(json.dumps(raw)))
+    with pytest.raises(TraceError, match=re.escape(f"{path}: field 'metadata")):
+        load_trace(path)

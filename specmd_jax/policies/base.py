@@ -34,6 +34,7 @@ class StepInfo(NamedTuple):
     next_use: jax.Array  # int32 [N], next request step of each requested item after this one, else NEVER
     capacity: jax.Array  # int32 scalar, slots of this pool
     rng: jax.Array  # PRNG key for this step (already folded with the step index)
+    max_victims: int  # static bound on the victims of one step: the number of request slots R
 
 
 class EvictionPolicy(NamedTuple):
@@ -51,7 +52,6 @@ class EvictionPolicy(NamedTuple):
     choose_victims: Callable[[Any, Any, StepInfo, jax.Array, jax.Array], tuple[jax.Array, Any]]
     on_inserts: Callable[[Any, Any, StepInfo], Any]
     default_params: Callable[[], Any] = lambda: ()
-    max_victims_hint: int | None = None
     description: str = ""
 
 
@@ -72,12 +72,14 @@ def select_smallest(
     max_victims: int,
     primary: jax.Array,
     secondary: jax.Array | None = None,
+    *,
+    unique: bool = False,
 ) -> jax.Array:
     """Pick the `num_victims` eligible items with the smallest key, as a bool mask.
 
-    The key is `primary`, then `secondary` for ties, then the item position. When `secondary` is None the
-    primary keys of eligible items must be distinct or ties go to the smallest position. `max_victims` is a
-    static bound on `num_victims` (the number of request slots of a step).
+    The key is `primary`, then `secondary` for ties, then the item position. Pass `unique=True` only when
+    the primary keys of eligible items are distinct (sequence numbers): it skips the tie-break and is
+    faster. `max_victims` is a static bound on `num_victims` (the number of request slots of a step).
     """
     positions = jnp.arange(eligible.shape[0], dtype=jnp.int32)
     chosen = jnp.zeros_like(eligible)
@@ -85,6 +87,10 @@ def select_smallest(
         open_ = eligible & ~chosen & (round_index < num_victims)
         key = jnp.where(open_, primary, INT_MAX)
         candidates = open_ & (key == jnp.min(key))
+        if secondary is None and unique:
+            # Distinct keys: the minimum is one item, so no tie-break pass is needed.
+            chosen = chosen | candidates
+            continue
         if secondary is not None:
             second = jnp.where(candidates, secondary, INT_MAX)
             candidates = candidates & (second == jnp.min(second))

@@ -39,7 +39,7 @@ def _keep(state, params, info: StepInfo):
 def _victims_by_seq(state: SequenceState, params, info: StepInfo, eligible, num_victims):
     del params
     # Sequence numbers are distinct, so no tie rule is needed beyond them.
-    return select_smallest(eligible, num_victims, info.requested.shape[0], state.seq), state
+    return select_smallest(eligible, num_victims, info.max_victims, state.seq, unique=True), state
 
 
 # LRU: every request of the step (hit or miss) gets a sequence number in ascending flat id, which orders
@@ -84,7 +84,7 @@ def _lfu_init(num_items: int, params) -> LfuState:
 
 def _lfu_victims(state: LfuState, params, info: StepInfo, eligible, num_victims):
     del params
-    victims = select_smallest(eligible, num_victims, info.requested.shape[0], state.count, state.last_use.seq)
+    victims = select_smallest(eligible, num_victims, info.max_victims, state.count, state.last_use.seq)
     return victims, state
 
 
@@ -114,7 +114,7 @@ def _random_victims(state, params, info: StepInfo, eligible, num_victims):
     del params
     # One 31-bit draw per item of the pool, from the step's key; ties go to the smallest flat id.
     draws = jax.random.randint(info.rng, eligible.shape, 0, NEVER, dtype=jnp.int32)
-    return select_smallest(eligible, num_victims, info.requested.shape[0], draws), state
+    return select_smallest(eligible, num_victims, info.max_victims, draws), state
 
 
 RANDOM = EvictionPolicy(
@@ -140,7 +140,7 @@ def _belady_victims(state: BeladyState, params, info: StepInfo, eligible, num_vi
     del params
     # Furthest next request first: negate so that "smallest key" means "furthest away".
     furthest_first = -state.next_use
-    return select_smallest(eligible, num_victims, info.requested.shape[0], furthest_first), state
+    return select_smallest(eligible, num_victims, info.max_victims, furthest_first), state
 
 
 def _belady_on_inserts(state: BeladyState, params, info: StepInfo) -> BeladyState:

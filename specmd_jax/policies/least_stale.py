@@ -52,7 +52,7 @@ def _choose_victims(state: LeastStaleState, params, info: StepInfo, eligible, nu
     del params
     # Queue order (STALE before CURRENT, FIFO within each) equals sequence order, see the module
     # docstring; the reference simulator keeps the two queues literally and checks this.
-    return select_smallest(eligible, num_victims, info.requested.shape[0], state.seq), state
+    return select_smallest(eligible, num_victims, info.max_victims, state.seq, unique=True), state
 
 
 def _on_inserts(state: LeastStaleState, params, info: StepInfo) -> LeastStaleState:

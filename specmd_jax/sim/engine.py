@@ -101,6 +101,7 @@ def pool_step(
         next_use=next_use,
         capacity=capacity,
         rng=rng,
+        max_victims=max_requests,
     )
 
     # Hits first, then victims for the slots the misses need, then the insertions.

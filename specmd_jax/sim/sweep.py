@@ -82,11 +82,15 @@ def check_capacity(total_slots: int, scope: str, requests: StepRequests) -> None
     slots = pool_capacity(total_slots, scope, requests.num_layers)
     if slots < needed:
         where = np.unravel_index(int(np.argmax(requests.counts)), requests.counts.shape)
-        pool = "per layer " if scope == "per-layer" else ""
+        if scope == "global":
+            given = f"capacity of {total_slots} slots"
+            minimum = needed
+        else:
+            given = f"capacity of {total_slots} slots ({slots} per layer in per-layer scope)"
+            minimum = needed * requests.num_layers
         raise CapacityError(
-            f"capacity {total_slots} slots gives {slots} slots {pool}({scope} scope), fewer than the "
-            f"{needed} distinct experts requested at pass {where[0]}, layer {where[1]}; use at least "
-            f"{needed if scope == 'global' else needed * requests.num_layers} slots"
+            f"{given} is smaller than the {needed} distinct experts requested at pass {where[0]}, "
+            f"layer {where[1]}; use at least {minimum} slots"
         )
 
 
@@ -96,15 +100,19 @@ class SimConfig:
 
     policy: str
     capacity: int
-    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    params: Any = ()  # a dict or (name, value) pairs; stored as sorted pairs so configs are hashable
     seed: int = 0
+
+    def __post_init__(self):
+        pairs = self.params.items() if isinstance(self.params, dict) else self.params
+        object.__setattr__(self, "params", tuple(sorted((str(name), value) for name, value in pairs)))
 
     @property
     def label(self) -> str:
         """Policy name with its non-default hyper-parameters, e.g. "s3fifo(small_fraction=0.2)"."""
         if not self.params:
             return self.policy
-        inner = ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in sorted(self.params.items()))
+        inner = ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in self.params)
         return f"{self.policy}({inner})"
 
 
@@ -144,10 +152,11 @@ def _policy_params(config: SimConfig):
         return defaults
     if not hasattr(defaults, "_replace"):
         raise ValueError(f"policy '{config.policy}' takes no hyper-parameters, got {sorted(config.params)}")
-    unknown = sorted(set(config.params) - set(defaults._fields))
+    given = dict(config.params)
+    unknown = sorted(set(given) - set(defaults._fields))
     if unknown:
         raise ValueError(f"policy '{config.policy}' has no hyper-parameter {unknown}; it has {list(defaults._fields)}")
-    return defaults._replace(**config.params)
+    return defaults._replace(**given)
 
 
 def _stack(trees: Sequence[Any]):

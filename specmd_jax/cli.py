@@ -1,0 +1,150 @@
+"""Command-line interface: `specmd-jax simulate` and `specmd-jax traces {stats,convert}`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from specmd_jax.policies.registry import get_policy, policy_names
+from specmd_jax.report import format_table, write_csv
+from specmd_jax.sim.sweep import SCOPES, Capacity
+from specmd_jax.study import run_study
+from specmd_jax.traces.trace import TraceError, save_trace
+
+logger = logging.getLogger("specmd_jax")
+
+DEFAULT_TRACE = "synthetic:olmoe-1b-7b"
+DEFAULT_POLICIES = "lru,fifo,lfu,least-stale,belady"
+DEFAULT_CAPACITIES = "0.01,0.05,0.1,0.25,0.5"
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _parse_number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def parse_param_options(options: Sequence[str], policies: Sequence[str]) -> dict[str, dict[str, list]]:
+    """Parse repeated `--param POLICY.NAME=V1,V2` options into {policy: {name: [values]}}."""
+    grid: dict[str, dict[str, list]] = {}
+    for option in options:
+        target, _, values = option.partition("=")
+        policy, _, name = target.partition(".")
+        if not values or not name or policy not in policies:
+            raise ValueError(
+                f"invalid --param '{option}': expected POLICY.NAME=V1[,V2...] with POLICY one of the "
+                f"selected policies ({', '.join(policies)})"
+            )
+        try:
+            grid.setdefault(policy, {})[name] = [_parse_number(value) for value in _split(values)]
+        except ValueError:
+            raise ValueError(f"invalid --param '{option}': values must be numbers") from None
+    return grid
+
+
+def _describe(trace) -> str:
+    meta = trace.metadata
+    lines = [
+        f"trace: {trace.name} ({meta.source})",
+        f"passes {trace.num_passes}, tokens {trace.num_tokens}, layers {meta.num_layers}, experts {meta.num_experts}, "
+        f"top-k {meta.top_k}, missing cells {trace.num_missing_cells}",
+    ]
+    if meta.synthetic:
+        lines.append("NOTE: synthetic trace (generated, not recorded from a model)")
+    return "\n".join(lines)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from specmd_jax.traces.io import load_any
+
+    policies = _split(args.policies)
+    for name in policies:
+        get_policy(name)
+    grid = parse_param_options(args.param or [], policies)
+    seeds = [int(seed) for seed in _split(args.seeds)]
+    capacities = [Capacity.parse(text) for text in _split(args.capacities)]
+
+    trace = load_any(args.trace)
+    print(_describe(trace))
+    print(f"scope: {args.scope}")
+    rows, skipped = run_study(
+        trace, policies, capacities, scope=args.scope, grid=grid, seeds=seeds,
+        unroll=args.unroll, progress=not args.quiet,
+    )
+    print(format_table(rows, skipped))
+    if args.out:
+        write_csv(rows, args.out)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+def cmd_traces_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from specmd_jax.traces.io import load_any
+    from specmd_jax.traces.stats import compute_stats, format_stats, stats_to_dict
+
+    stats = compute_stats(load_any(args.path))
+    print(json.dumps(stats_to_dict(stats), indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_traces_convert(args: argparse.Namespace) -> int:
+    from specmd_jax.traces.io import load_any
+
+    trace = load_any(args.source)
+    save_trace(trace, args.out)
+    print(f"wrote {trace.num_passes} passes ({trace.name}) to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specmd-jax", description="MoE expert-cache simulation and routing traces.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser("simulate", help="sweep eviction policies x capacities over a routing trace")
+    simulate.add_argument("--trace", default=DEFAULT_TRACE, help=f"trace file (canonical .npz, FLAME-MoE .npz, Mixtral .jsonl) or synthetic:NAME (default {DEFAULT_TRACE})")
+    simulate.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated eviction policies, from: {', '.join(policy_names())}")
+    simulate.add_argument("--capacities", default=DEFAULT_CAPACITIES, help="comma-separated capacities: fractions of all layers x experts (0.05) or slot counts (96)")
+    simulate.add_argument("--scope", choices=SCOPES, default="global", help="one pool for all layers, or floor(C / L) slots per layer")
+    simulate.add_argument("--param", action="append", metavar="POLICY.NAME=V1,V2", help="sweep a policy hyper-parameter (repeatable)")
+    simulate.add_argument("--seeds", default="0", help="comma-separated seeds for the random policy")
+    simulate.add_argument("--out", help="write the results as CSV to this path")
+    simulate.add_argument("--unroll", type=int, default=1, help="scan unroll factor (speed only)")
+    simulate.add_argument("--quiet", action="store_true", help="hide the progress bar")
+    simulate.set_defaults(handler=cmd_simulate)
+
+    traces = commands.add_parser("traces", help="inspect or convert routing traces")
+    trace_commands = traces.add_subparsers(dest="traces_command", required=True)
+    stats = trace_commands.add_parser("stats", help="print routing statistics of a trace")
+    stats.add_argument("path", help="trace file or synthetic:NAME")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+    stats.set_defaults(handler=cmd_traces_stats)
+    convert = trace_commands.add_parser("convert", help="convert a trace of any supported format to the canonical .npz")
+    convert.add_argument("source", help="trace file or synthetic:NAME")
+    convert.add_argument("out", help="output .npz path")
+    convert.set_defaults(handler=cmd_traces_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (TraceError, ValueError, FileNotFoundError) as error:
+        print(f"specmd-jax: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

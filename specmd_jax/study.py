@@ -1,0 +1,81 @@
+"""The main job as a function: a policy x capacity sweep with the Belady bound at every capacity.
+
+The CLI (`specmd-jax simulate`) and the notebooks call `run_study`; it turns user-level capacities into
+slot counts, skips infeasible ones with the reason, and pairs each result with Belady's hit rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from specmd_jax.report import ReportRow, SkippedCapacity
+from specmd_jax.sim.requests import build_requests
+from specmd_jax.sim.sweep import Capacity, CapacityError, SimConfig, check_capacity, run_sweep
+from specmd_jax.traces.trace import Trace
+
+BOUND_POLICY = "belady"
+
+
+def build_configs(policies: Sequence[str], slots: Sequence[int], grid: dict[str, dict[str, list]], seeds: Sequence[int]) -> list[SimConfig]:
+    """Every (policy, hyper-parameter combination, seed, capacity); seeds only multiply `random`."""
+    configs = []
+    for policy in policies:
+        names = sorted(grid.get(policy, {}))
+        combos = list(itertools.product(*(grid[policy][name] for name in names))) if names else [()]
+        policy_seeds = seeds if policy == "random" else [0]
+        for combo, seed, capacity in itertools.product(combos, policy_seeds, slots):
+            configs.append(SimConfig(policy, capacity, dict(zip(names, combo)), seed))
+    return configs
+
+
+
+def run_study(
+    trace: Trace,
+    policies: Sequence[str],
+    capacities: Sequence[Capacity | str | int | float],
+    *,
+    scope: str = "global",
+    grid: dict[str, dict[str, list]] | None = None,
+    seeds: Sequence[int] = (0,),
+    unroll: int = 1,
+    progress: bool = False,
+) -> tuple[list[ReportRow], list[SkippedCapacity]]:
+    """Simulate every policy at every feasible capacity; return report rows and skipped capacities.
+
+    Capacities may be `Capacity` objects or their text form ("0.05" is a fraction, "96" a slot count).
+    Rows come in the order of `policies`, then by capacity.
+    """
+    parsed = [c if isinstance(c, Capacity) else Capacity.parse(str(c)) for c in capacities]
+    requests = build_requests(trace)
+
+    # Feasibility first: an infeasible capacity is reported and skipped, the others go on.
+    slots: list[int] = []
+    skipped: list[SkippedCapacity] = []
+    for capacity in parsed:
+        count = capacity.slots(trace.num_layers, trace.num_experts)
+        try:
+            check_capacity(count, scope, requests)
+        except CapacityError as error:
+            skipped.append(SkippedCapacity(str(capacity), str(error)))
+            continue
+        if count not in slots:
+            slots.append(count)
+
+    configs = build_configs(policies, slots, grid or {}, seeds)
+    bound_configs = [SimConfig(BOUND_POLICY, count) for count in slots]
+    wanted = list(dict.fromkeys(configs + bound_configs))
+    results = {}
+    groups = list(dict.fromkeys(config.policy for config in wanted))
+    for name in tqdm(groups, desc="policies", unit="policy", disable=not progress or not wanted):
+        group = [config for config in wanted if config.policy == name]
+        group_results = run_sweep(requests, group, scope=scope, num_experts=trace.num_experts, unroll=unroll)
+        results.update(zip(group, group_results))
+
+    total_experts = trace.num_layers * trace.num_experts
+    bound = {config.capacity: results[config].hit_rate for config in bound_configs}
+    rows = [ReportRow(trace.name, results[config], total_experts, bound[config.capacity]) for config in configs]
+    rows.sort(key=lambda row: (list(policies).index(row.result.config.policy), row.result.config.capacity))
+    return rows, skipped

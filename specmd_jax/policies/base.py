@@ -33,6 +33,10 @@ class StepInfo(NamedTuple):
     misses: jax.Array  # bool [N]
     next_use: jax.Array  # int32 [N], next request step of each requested item after this one, else NEVER
     capacity: jax.Array  # int32 scalar, slots of this pool
+    occupancy: jax.Array  # int32 scalar, resident items before this step
+    request_positions: jax.Array  # int32 [R], pool positions of the requests, ascending, -1 padded
+    request_hit: jax.Array  # bool [R], whether each request slot is a hit
+    request_match: jax.Array  # bool [R, N], request_match[j, i] = slot j requests item i
     rng: jax.Array  # PRNG key for this step (already folded with the step index)
     max_victims: int  # static bound on the victims of one step: the number of request slots R
 

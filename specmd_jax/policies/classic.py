@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from specmd_jax.policies import queue
 from specmd_jax.policies.base import NEVER, EvictionPolicy, StepInfo, assign_sequence, select_smallest
 
 
@@ -36,39 +37,46 @@ def _keep(state, params, info: StepInfo):
     return state
 
 
-def _victims_by_seq(state: SequenceState, params, info: StepInfo, eligible, num_victims):
+def _init_queue(num_items: int, params) -> queue.QueueState:
     del params
-    # Sequence numbers are distinct, so no tie rule is needed beyond them.
-    return select_smallest(eligible, num_victims, info.max_victims, state.seq, unique=True), state
+    return queue.QueueState(jnp.full(num_items, queue.NOT_QUEUED, jnp.int32))
 
 
-# LRU: every request of the step (hit or miss) gets a sequence number in ascending flat id, which orders
-# items by (step of last use, flat id). Hits are numbered at insertion time together with the misses.
-def _lru_on_inserts(state: SequenceState, params, info: StepInfo) -> SequenceState:
+# LRU: the queue is ordered by (step of last use, flat id). Every request of the step, hit or miss,
+# joins the tail in ascending flat id, so every hit is a mover.
+def _lru_victims(state: queue.QueueState, params, info: StepInfo, eligible, num_victims):
     del params
-    return SequenceState(*assign_sequence(state.seq, state.counter, info.requested))
+    step = queue.first_eligible(state.rank, info, eligible, num_victims)
+    valid = info.request_positions >= 0
+    rank = queue.advance(state.rank, info, step, num_victims, info.request_hit, queue.order_in_slots(valid))
+    return step.victims, queue.QueueState(rank)
 
 
-def _fifo_on_inserts(state: SequenceState, params, info: StepInfo) -> SequenceState:
+# FIFO: ordered by (step of insertion, flat id); hits do not move, misses join the tail.
+def _fifo_victims(state: queue.QueueState, params, info: StepInfo, eligible, num_victims):
     del params
-    return SequenceState(*assign_sequence(state.seq, state.counter, info.misses))
+    step = queue.first_eligible(state.rank, info, eligible, num_victims)
+    misses = (info.request_positions >= 0) & ~info.request_hit
+    no_movers = jnp.zeros_like(info.request_hit)
+    rank = queue.advance(state.rank, info, step, num_victims, no_movers, queue.order_in_slots(misses))
+    return step.victims, queue.QueueState(rank)
 
 
 LRU = EvictionPolicy(
     name="lru",
-    init=_init_sequence,
+    init=_init_queue,
     on_hits=_keep,
-    choose_victims=_victims_by_seq,
-    on_inserts=_lru_on_inserts,
+    choose_victims=_lru_victims,
+    on_inserts=_keep,
     description="least recently used",
 )
 
 FIFO = EvictionPolicy(
     name="fifo",
-    init=_init_sequence,
+    init=_init_queue,
     on_hits=_keep,
-    choose_victims=_victims_by_seq,
-    on_inserts=_fifo_on_inserts,
+    choose_victims=_fifo_victims,
+    on_inserts=_keep,
     description="first in, first out",
 )
 

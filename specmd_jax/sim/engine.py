@@ -83,15 +83,21 @@ def pool_step(
     max_requests = request_positions.shape[0]
     positions = jnp.arange(num_items, dtype=jnp.int32)
 
-    # Requests as masks over the pool (padding -1 matches no position).
+    # Requests as masks over the pool (padding -1 matches no position). Counts are taken over the R
+    # request slots, not the N items: reductions along the item axis are slow on XLA:CPU.
     match = request_positions[:, None] == positions[None, :]
-    requested = jnp.any(match, axis=0)
+    scatter_to = jnp.where(request_positions >= 0, request_positions, num_items)
+    requested = jnp.zeros(num_items, bool).at[scatter_to].set(True, mode="drop")
     next_use = jnp.max(jnp.where(match, request_next_step[:, None], -1), axis=0)
     next_use = jnp.where(requested, next_use, NEVER)
     hits = requested & state.resident
     misses = requested & ~state.resident
-    collision = misses & state.seen & (state.evicted_pass == pass_index)
-    compulsory = misses & ~state.seen
+    slot = jnp.clip(request_positions, 0, num_items - 1)
+    slot_used = request_positions >= 0
+    slot_hit = slot_used & state.resident[slot]
+    slot_miss = slot_used & ~slot_hit
+    slot_compulsory = slot_miss & ~state.seen[slot]
+    slot_collision = slot_miss & ~slot_compulsory & (state.evicted_pass[slot] == pass_index)
     info = StepInfo(
         step=step,
         pass_index=pass_index,
@@ -100,13 +106,17 @@ def pool_step(
         misses=misses,
         next_use=next_use,
         capacity=capacity,
+        occupancy=state.occupancy,
+        request_positions=request_positions,
+        request_hit=slot_hit,
+        request_match=match,
         rng=rng,
         max_victims=max_requests,
     )
 
     # Hits first, then victims for the slots the misses need, then the insertions.
     policy_state = policy.on_hits(state.policy, params, info)
-    num_misses = jnp.sum(misses, dtype=jnp.int32)
+    num_misses = jnp.sum(slot_miss, dtype=jnp.int32)
     num_victims = jnp.maximum(state.occupancy + num_misses - capacity, 0)
     eligible = state.resident & ~requested
     victims, policy_state = policy.choose_victims(policy_state, params, info, eligible, num_victims)
@@ -119,23 +129,24 @@ def pool_step(
         policy=policy_state,
     )
 
+    # A policy must return exactly num_victims victims; the reference simulator tests check it.
+    num_compulsory = jnp.sum(slot_compulsory, dtype=jnp.int32)
+    num_collision = jnp.sum(slot_collision, dtype=jnp.int32)
     counts = StepCounts(
-        requests=jnp.sum(requested, dtype=jnp.int32),
-        hits=jnp.sum(hits, dtype=jnp.int32),
-        compulsory=jnp.sum(compulsory, dtype=jnp.int32),
-        capacity=num_misses - jnp.sum(compulsory | collision, dtype=jnp.int32),
-        collision=jnp.sum(collision, dtype=jnp.int32),
-        evictions=jnp.sum(victims, dtype=jnp.int32),
+        requests=jnp.sum(slot_used, dtype=jnp.int32),
+        hits=jnp.sum(slot_hit, dtype=jnp.int32),
+        compulsory=num_compulsory,
+        capacity=num_misses - num_compulsory - num_collision,
+        collision=num_collision,
+        evictions=num_victims,
     )
 
     # Per-slot outcomes and victim positions (dropped by XLA unless events are recorded).
-    slot = jnp.clip(request_positions, 0, num_items - 1)
-    used = request_positions >= 0
     outcome = jnp.where(
-        hits[slot], OUTCOME_HIT,
-        jnp.where(compulsory[slot], OUTCOME_COMPULSORY, jnp.where(collision[slot], OUTCOME_COLLISION, OUTCOME_CAPACITY)),
+        slot_hit, OUTCOME_HIT,
+        jnp.where(slot_compulsory, OUTCOME_COMPULSORY, jnp.where(slot_collision, OUTCOME_COLLISION, OUTCOME_CAPACITY)),
     )
-    outcomes = jnp.where(used, outcome, OUTCOME_NONE).astype(jnp.int8)
+    outcomes = jnp.where(slot_used, outcome, OUTCOME_NONE).astype(jnp.int8)
     (victim_positions,) = jnp.nonzero(victims, size=max_requests, fill_value=-1)
     return new_state, counts, StepEvents(outcomes, victim_positions.astype(jnp.int32))
 

@@ -18,6 +18,7 @@ import numpy as np
 from specmd_jax.policies.registry import get_policy
 from specmd_jax.sim.engine import SweepTotals, simulate_batch
 from specmd_jax.sim.requests import StepRequests, build_requests
+from specmd_jax.sim.stack import simulate_lru_stack
 from specmd_jax.traces.trace import Trace
 
 logger = logging.getLogger(__name__)
@@ -171,8 +172,12 @@ def run_sweep(
     num_experts: int | None = None,
     record_events: bool = False,
     unroll: int = 1,
+    stack_lru: bool = True,
 ) -> list[SimResult] | tuple[list[SimResult], dict[SimConfig, Any]]:
     """Simulate every configuration; one compiled, vmapped call per policy.
+
+    LRU without event recording runs as one stack-distance pass for all its capacities, unless
+    `stack_lru` is False (then it takes the generic scan, like every other policy).
 
     Raises `CapacityError` if any capacity is infeasible (check with `check_capacity` first to skip).
     With `record_events`, also return each configuration's `StepEvents` as numpy arrays [T, L, R].
@@ -204,10 +209,14 @@ def run_sweep(
         capacities = jnp.asarray([pool_capacity(c.capacity, scope, requests.num_layers) for c in group], jnp.int32)
         seeds = jnp.asarray([c.seed for c in group], jnp.int32)
         logger.info("simulating %d configurations of %s (%s scope)", len(group), name, scope)
-        totals, events = simulate_batch(
-            policy, params, capacities, seeds, experts, next_step,
-            scope=scope, num_experts=num_experts, record_events=record_events, unroll=unroll,
-        )
+        if name == "lru" and not record_events and stack_lru:
+            # Exact for every capacity in one pass (see specmd_jax.sim.stack); tests compare both paths.
+            totals, events = simulate_lru_stack(capacities, experts, scope=scope, num_experts=num_experts), None
+        else:
+            totals, events = simulate_batch(
+                policy, params, capacities, seeds, experts, next_step,
+                scope=scope, num_experts=num_experts, record_events=record_events, unroll=unroll,
+            )
         totals = jax.device_get(totals)
         for position, index in enumerate(indices):
             results[index] = _result(configs[index], scope, totals, position)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from specmd_jax.policies.base import EvictionPolicy
 from specmd_jax.policies.classic import BELADY, FIFO, LFU, LRU, RANDOM
 from specmd_jax.policies.least_stale import LEAST_STALE
+from specmd_jax.policies.s3fifo import S3FIFO
+from specmd_jax.policies.sieve import SIEVE
 
 _REGISTRY: dict[str, EvictionPolicy] = {}
 
@@ -29,5 +31,5 @@ def policy_names() -> list[str]:
     return list(_REGISTRY)
 
 
-for _policy in (LRU, FIFO, LFU, RANDOM, BELADY, LEAST_STALE):
+for _policy in (LRU, FIFO, LFU, RANDOM, BELADY, LEAST_STALE, SIEVE, S3FIFO):
     register(_policy)

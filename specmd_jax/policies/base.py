@@ -39,6 +39,7 @@ class StepInfo(NamedTuple):
     request_match: jax.Array  # bool [R, N], request_match[j, i] = slot j requests item i
     rng: jax.Array  # PRNG key for this step (already folded with the step index)
     max_victims: int  # static bound on the victims of one step: the number of request slots R
+    num_steps: int  # static number of steps of the trace (T * L); every step index is below it
 
 
 class EvictionPolicy(NamedTuple):

@@ -146,7 +146,13 @@ def _belady_init(num_items: int, params) -> BeladyState:
 
 def _belady_victims(state: BeladyState, params, info: StepInfo, eligible, num_victims):
     del params
-    # Furthest next request first: negate so that "smallest key" means "furthest away".
+    num_items = eligible.shape[0]
+    if info.num_steps * num_items < NEVER:
+        # One distinct int32 key, furthest next request first and ties to the smallest position, which
+        # lets the selection skip its tie-break pass. NEVER maps to distance 0 (evicted first).
+        distance = info.num_steps - jnp.minimum(state.next_use, info.num_steps)
+        key = distance * num_items + jnp.arange(num_items, dtype=jnp.int32)
+        return select_smallest(eligible, num_victims, info.max_victims, key, unique=True), state
     furthest_first = -state.next_use
     return select_smallest(eligible, num_victims, info.max_victims, furthest_first), state
 

@@ -71,6 +71,7 @@ def pool_step(
     pass_index: jax.Array,
     capacity: jax.Array,
     rng: jax.Array,
+    num_steps: int,
 ) -> tuple[PoolState, StepCounts, StepEvents]:
     """Advance one pool by one step.
 
@@ -112,6 +113,7 @@ def pool_step(
         request_match=match,
         rng=rng,
         max_victims=max_requests,
+        num_steps=num_steps,
     )
 
     # Hits first, then victims for the slots the misses need, then the insertions.
@@ -197,7 +199,9 @@ def _simulate_global(policy, params, capacity, seed, experts, next_step, num_exp
         layer = step % num_layers
         pass_index = step // num_layers
         rng = jax.random.fold_in(base_key, step)
-        state, counts, events = pool_step(policy, params, state, request_positions, request_next, step, pass_index, capacity, rng)
+        state, counts, events = pool_step(
+            policy, params, state, request_positions, request_next, step, pass_index, capacity, rng, num_passes * num_layers
+        )
         totals = jax.tree.map(lambda total, value: total.at[layer].add(value), totals, counts)
         return (state, totals), (events if record_events else None)
 
@@ -215,7 +219,9 @@ def _simulate_per_layer(policy, params, capacity, seed, experts, next_step, num_
     num_passes, num_layers, _ = experts.shape
     layers = jnp.arange(num_layers, dtype=jnp.int32)
     base_key = jax.random.PRNGKey(seed)
-    step_pool = jax.vmap(pool_step, in_axes=(None, None, 0, 0, 0, 0, None, None, 0))
+    step_pool = jax.vmap(
+        functools.partial(pool_step, num_steps=num_passes * num_layers), in_axes=(None, None, 0, 0, 0, 0, None, None, 0)
+    )
 
     def body(carry, xs):
         states, totals = carry

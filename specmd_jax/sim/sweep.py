@@ -213,6 +213,7 @@ def run_sweep(
             # Exact for every capacity in one pass (see specmd_jax.sim.stack); tests compare both paths.
             totals, events = simulate_lru_stack(capacities, experts, scope=scope, num_experts=num_experts), None
         else:
+            params, capacities, seeds = _spread_over_devices((params, capacities, seeds), len(group))
             totals, events = simulate_batch(
                 policy, params, capacities, seeds, experts, next_step,
                 scope=scope, num_experts=num_experts, record_events=record_events, unroll=unroll,
@@ -225,6 +226,23 @@ def run_sweep(
     if record_events:
         return results, events_by_config
     return results
+
+
+def _spread_over_devices(batch, num_configs: int):
+    """Shard the config axis over all local devices, padding it by repeating the last config.
+
+    XLA:CPU runs one simulation on one thread, so several host devices (XLA_FLAGS=
+    --xla_force_host_platform_device_count=N) use several cores. Results of padded configs are ignored
+    because callers index the first `num_configs` entries only.
+    """
+    devices = jax.local_devices()
+    if len(devices) < 2 or num_configs < 2:
+        return batch
+    padded = -(-num_configs // len(devices)) * len(devices)
+    batch = jax.tree.map(lambda leaf: jnp.concatenate([leaf, jnp.repeat(leaf[-1:], padded - num_configs, axis=0)]), batch)
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("configs",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("configs"))
+    return jax.device_put(batch, sharding)
 
 
 def _result(config: SimConfig, scope: str, totals: SweepTotals, position: int) -> SimResult:

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from specmd_jax.policies.registry import get_policy, policy_names
-from specmd_jax.report import format_table, write_csv
-from specmd_jax.sim.sweep import SCOPES, Capacity
-from specmd_jax.study import run_study
-from specmd_jax.traces.trace import TraceError, save_trace
 
 logger = logging.getLogger("specmd_jax")
 
@@ -62,6 +58,10 @@ def _describe(trace) -> str:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from specmd_jax.policies.registry import get_policy
+    from specmd_jax.report import format_table, write_csv
+    from specmd_jax.sim.sweep import Capacity
+    from specmd_jax.study import run_study
     from specmd_jax.traces.io import load_any
 
     policies = _split(args.policies)
@@ -98,6 +98,7 @@ def cmd_traces_stats(args: argparse.Namespace) -> int:
 
 def cmd_traces_convert(args: argparse.Namespace) -> int:
     from specmd_jax.traces.io import load_any
+    from specmd_jax.traces.trace import save_trace
 
     trace = load_any(args.source)
     save_trace(trace, args.out)
@@ -106,6 +107,9 @@ def cmd_traces_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from specmd_jax.policies.registry import policy_names
+    from specmd_jax.sim.sweep import SCOPES
+
     parser = argparse.ArgumentParser(prog="specmd-jax", description="MoE expert-cache simulation and routing traces.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,7 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_all_cpu_cores() -> None:
+    """Ask XLA for one host device per CPU core, unless the user set a device count already.
+
+    A simulation runs on one thread; `run_sweep` spreads configurations over these devices. This must
+    run before jax is imported, so the module imports jax only inside the commands.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags and (os.cpu_count() or 1) > 1:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count()}".strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    use_all_cpu_cores()
+    from specmd_jax.traces.trace import TraceError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

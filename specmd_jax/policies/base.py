@@ -20,7 +20,7 @@ NEVER = INT_MAX
 
 
 class StepInfo(NamedTuple):
-    """What the framework tells a policy about the current step of one cache pool.
+    """The framework's description of the current step of one cache pool, passed to every policy function.
 
     All masks are bool [N] over the pool's items, indexed by position in the pool; a smaller position
     always has a smaller flat id, so "smallest position" and "smallest flat id" agree.

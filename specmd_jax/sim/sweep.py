@@ -84,13 +84,13 @@ def check_capacity(total_slots: int, scope: str, requests: StepRequests) -> None
     if slots < needed:
         where = np.unravel_index(int(np.argmax(requests.counts)), requests.counts.shape)
         if scope == "global":
-            given = f"capacity of {total_slots} slots"
+            capacity_text = f"capacity of {total_slots} slots"
             minimum = needed
         else:
-            given = f"capacity of {total_slots} slots ({slots} per layer in per-layer scope)"
+            capacity_text = f"capacity of {total_slots} slots ({slots} per layer in per-layer scope)"
             minimum = needed * requests.num_layers
         raise CapacityError(
-            f"{given} is smaller than the {needed} distinct experts requested at pass {where[0]}, "
+            f"{capacity_text} is smaller than the {needed} distinct experts requested at pass {where[0]}, "
             f"layer {where[1]}; use at least {minimum} slots"
         )
 

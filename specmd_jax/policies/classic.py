@@ -57,8 +57,7 @@ def _fifo_victims(state: queue.QueueState, params, info: StepInfo, eligible, num
     del params
     step = queue.first_eligible(state.rank, info, eligible, num_victims)
     misses = (info.request_positions >= 0) & ~info.request_hit
-    no_movers = jnp.zeros_like(info.request_hit)
-    rank = queue.advance(state.rank, info, step, num_victims, no_movers, queue.order_in_slots(misses))
+    rank = queue.advance(state.rank, info, step, num_victims, None, queue.order_in_slots(misses))
     return step.victims, queue.QueueState(rank)
 
 

@@ -67,19 +67,22 @@ def advance(
     info: StepInfo,
     step: QueueStep,
     num_victims: jax.Array,
-    mover_slots: jax.Array,
+    mover_slots: jax.Array | None,
     tail_order: jax.Array,
 ) -> jax.Array:
     """Steps 2 and 3: the ranks after the victims leave and the movers and misses join the tail.
 
     Args:
-      mover_slots: bool [R], hit slots whose item moves to the tail.
+      mover_slots: bool [R], hit slots whose item moves to the tail, or None when no hit ever moves
+        (FIFO), which skips R elementwise passes.
       tail_order: int32 [R], the 0-based order in which each slot's item joins the tail (movers and
         misses), -1 for slots that do not join.
     """
-    mover_ranks = jnp.where(mover_slots, step.hit_ranks, NOT_QUEUED)
-    shift = jnp.minimum(num_victims, step.eligible_rank) + count_before(mover_ranks, rank)
-    survivors = info.occupancy - num_victims - jnp.sum(mover_slots, dtype=jnp.int32)
+    shift = jnp.minimum(num_victims, step.eligible_rank)
+    survivors = info.occupancy - num_victims
+    if mover_slots is not None:
+        shift = shift + count_before(jnp.where(mover_slots, step.hit_ranks, NOT_QUEUED), rank)
+        survivors = survivors - jnp.sum(mover_slots, dtype=jnp.int32)
     new_rank = jnp.where((rank < NOT_QUEUED) & ~step.victims, rank - shift, NOT_QUEUED)
     # Scatter the joining slots' ranks; slots that do not join target an out-of-range index and drop.
     targets = jnp.where((tail_order >= 0) & (info.request_positions >= 0), info.request_positions, rank.shape[0])

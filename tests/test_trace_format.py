@@ -284,3 +284,35 @@ def test_load_metadata_layer_ids_not_list(tmp_path: Path) -> None:
     rewrite_members(path, metadata=np.asarray(json.dumps(raw)))
     with pytest.raises(TraceError, match=re.escape(f"{path}: field 'metadata")):
         load_trace(path)
+
+
+def _speculative_trace(speculative: np.ndarray):
+    ids = np.array([[[0, 1], [2, 3]], [[1, 2], [0, 3]]])
+    return make_trace(ids, TraceMetadata("tiny", 2, 4, 2, "test"), speculative_logits=speculative)
+
+
+def test_speculative_logits_round_trip(tmp_path: Path) -> None:
+    speculative = np.full((2, 2, 4), np.nan, np.float32)
+    speculative[:, 0] = np.arange(8, dtype=np.float32).reshape(2, 4)
+    path = tmp_path / "trace.npz"
+    save_trace(_speculative_trace(speculative), path)
+    np.testing.assert_array_equal(load_trace(path).speculative_logits, speculative)
+
+
+def test_speculative_logits_last_layer_not_nan() -> None:
+    speculative = np.zeros((2, 2, 4), np.float32)
+    with pytest.raises(TraceError, match=re.escape("field 'speculative_logits' at index (0, 1, 0): expected NaN for the last MoE layer")):
+        _speculative_trace(speculative)
+
+
+def test_speculative_logits_wrong_shape() -> None:
+    with pytest.raises(TraceError, match=re.escape("field 'speculative_logits': expected shape (2, 2, 4), got shape (2, 2, 3)")):
+        _speculative_trace(np.zeros((2, 2, 3), np.float32))
+
+
+def test_speculative_logits_nan_in_present_cell() -> None:
+    speculative = np.full((2, 2, 4), np.nan, np.float32)
+    speculative[:, 0] = 1.0
+    speculative[1, 0, 2] = np.nan
+    with pytest.raises(TraceError, match=re.escape("field 'speculative_logits' at index (1, 0, 2): expected a finite logit, got nan")):
+        _speculative_trace(speculative)

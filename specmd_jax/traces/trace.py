@@ -99,6 +99,9 @@ class Trace:
       metadata: model and source facts.
       scores: float32 [N, L, K] router scores of the selected experts (NaN in missing cells), or None.
       router_logits: float32 [N, L, E] full router logits (NaN in missing cells), or None.
+      speculative_logits: float32 [N, L, E], MoE layer l + 1's router applied to the hidden state that
+        enters layer l, so a gate-speculative prefetcher can be replayed without the model; NaN for the
+        last layer and in missing cells. None when unknown.
     """
 
     expert_ids: np.ndarray
@@ -109,6 +112,7 @@ class Trace:
     metadata: TraceMetadata
     scores: np.ndarray | None = None
     router_logits: np.ndarray | None = None
+    speculative_logits: np.ndarray | None = None
 
     @property
     def num_passes(self) -> int:
@@ -249,6 +253,20 @@ def validate_trace(trace: Trace, origin: str = "<trace>") -> None:
         if bad.any():
             index = _first_index(bad)
             raise trace_error(origin, "router_logits", index, "a finite logit", float(trace.router_logits[index]))
+    if trace.speculative_logits is not None:
+        speculative = trace.speculative_logits
+        _check_array(origin, "speculative_logits", speculative, 3, "f", "a float dtype")
+        if speculative.shape != (N, L, E):
+            raise trace_error(origin, "speculative_logits", None, f"shape ({N}, {L}, {E})", f"shape {speculative.shape}")
+        bad = present[:, :-1, None] & ~np.isfinite(speculative[:, :-1])
+        if bad.any():
+            index = _first_index(bad)
+            raise trace_error(origin, "speculative_logits", index, "a finite logit", float(speculative[index]))
+        last = ~np.isnan(speculative[:, -1])
+        if last.any():
+            token, expert = _first_index(last)
+            index = (token, L - 1, expert)
+            raise trace_error(origin, "speculative_logits", index, "NaN for the last MoE layer (no next layer)", float(speculative[index]))
 
 
 def _cast(value: Any, kinds: str, dtype: type) -> np.ndarray:
@@ -267,6 +285,7 @@ def make_trace(
     pass_sequence: np.ndarray | None = None,
     scores: np.ndarray | None = None,
     router_logits: np.ndarray | None = None,
+    speculative_logits: np.ndarray | None = None,
     origin: str = "<trace>",
 ) -> Trace:
     """Build and validate a trace; by default every token is its own decode pass of one sequence."""
@@ -296,12 +315,13 @@ def make_trace(
         metadata=metadata,
         scores=None if scores is None else _cast(scores, "f", np.float32),
         router_logits=None if router_logits is None else _cast(router_logits, "f", np.float32),
+        speculative_logits=None if speculative_logits is None else _cast(speculative_logits, "f", np.float32),
     )
     return trace.validate(origin)
 
 
 _ARRAY_FIELDS = ("expert_ids", "missing", "pass_offsets", "pass_kind", "pass_sequence")
-_OPTIONAL_FIELDS = ("scores", "router_logits")
+_OPTIONAL_FIELDS = ("scores", "router_logits", "speculative_logits")
 
 
 def save_trace(trace: Trace, path: str | os.PathLike) -> None:

@@ -1,4 +1,4 @@
-"""Command-line interface: `specmd-jax simulate` and `specmd-jax traces {stats,convert}`."""
+"""Command-line interface: `specmd-jax simulate`, `specmd-jax traces {stats,convert}` and `specmd-jax record`."""
 
 from __future__ import annotations
 
@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="trace file or synthetic:NAME")
     convert.add_argument("out", help="output .npz path")
     convert.set_defaults(handler=cmd_traces_convert)
+
+    from specmd_jax.record import add_record_parser
+
+    add_record_parser(commands)
     return parser
 
 

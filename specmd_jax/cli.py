@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-
+from pathlib import Path
 
 logger = logging.getLogger("specmd_jax")
 
@@ -45,6 +45,48 @@ def parse_param_options(options: Sequence[str], policies: Sequence[str]) -> dict
     return grid
 
 
+def _parse_list(text: str, option: str) -> list[str]:
+    """Split a comma-separated option value; an empty list or a repeated entry is an error."""
+    items = _split(text)
+    if not items:
+        raise ValueError(f"invalid {option} '{text}': expected at least one comma-separated value")
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise ValueError(f"invalid {option} '{text}': {', '.join(repeated)} listed more than once")
+    return items
+
+
+def _parse_seeds(text: str) -> list[int]:
+    seeds = []
+    for item in _parse_list(text, "--seeds"):
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise ValueError(f"invalid --seeds value '{item}': expected an integer") from None
+    return seeds
+
+
+def check_output_path(path: str | None, option: str) -> None:
+    """Fail before any long computation when an output path cannot be written."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"invalid {option} '{path}': it is a directory; give a file path")
+    if not target.parent.is_dir():
+        raise ValueError(f"invalid {option} '{path}': folder '{target.parent}' not found")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _describe(trace) -> str:
     meta = trace.metadata
     lines = [
@@ -64,12 +106,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from specmd_jax.study import run_study
     from specmd_jax.traces.io import load_any
 
-    policies = _split(args.policies)
+    policies = _parse_list(args.policies, "--policies")
     for name in policies:
         get_policy(name)
     grid = parse_param_options(args.param or [], policies)
-    seeds = [int(seed) for seed in _split(args.seeds)]
-    capacities = [Capacity.parse(text) for text in _split(args.capacities)]
+    seeds = _parse_seeds(args.seeds)
+    capacities = [Capacity.parse(text) for text in _parse_list(args.capacities, "--capacities")]
+    check_output_path(args.out, "--out")
 
     trace = load_any(args.trace)
     print(_describe(trace))
@@ -100,6 +143,7 @@ def cmd_traces_convert(args: argparse.Namespace) -> int:
     from specmd_jax.traces.io import load_any
     from specmd_jax.traces.trace import save_trace
 
+    check_output_path(args.out, "output path")
     trace = load_any(args.source)
     save_trace(trace, args.out)
     print(f"wrote {trace.num_passes} passes ({trace.name}) to {args.out}")
@@ -110,25 +154,41 @@ def build_parser() -> argparse.ArgumentParser:
     from specmd_jax.policies.registry import policy_names
     from specmd_jax.sim.sweep import SCOPES
 
+    from specmd_jax.traces.synthetic import PRESETS, SPEC_OPTIONS
+
     parser = argparse.ArgumentParser(prog="specmd-jax", description="MoE expert-cache simulation and routing traces.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    simulate = commands.add_parser("simulate", help="sweep eviction policies x capacities over a routing trace")
-    simulate.add_argument("--trace", default=DEFAULT_TRACE, help=f"trace file (canonical .npz, FLAME-MoE .npz, Mixtral .jsonl) or synthetic:NAME (default {DEFAULT_TRACE})")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    simulate = commands.add_parser(
+        "simulate", help="sweep eviction policies x capacities over a routing trace", formatter_class=defaults,
+        description="Simulate every policy at every capacity and print hit rates, misses by class and Belady's "
+        "hit rate at the same capacity (the bound).",
+    )
+    simulate.add_argument(
+        "--trace", default=DEFAULT_TRACE,
+        help=f"trace file (canonical .npz, FLAME-MoE .npz, Mixtral .jsonl) or synthetic:PRESET[?key=value&...] "
+        f"with presets {', '.join(sorted(PRESETS))} and options {', '.join(SPEC_OPTIONS)}",
+    )
     simulate.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated eviction policies, from: {', '.join(policy_names())}")
     simulate.add_argument("--capacities", default=DEFAULT_CAPACITIES, help="comma-separated capacities: fractions of all layers x experts (0.05) or slot counts (96)")
     simulate.add_argument("--scope", choices=SCOPES, default="global", help="one pool for all layers, or floor(C / L) slots per layer")
     simulate.add_argument("--param", action="append", metavar="POLICY.NAME=V1,V2", help="sweep a policy hyper-parameter (repeatable)")
     simulate.add_argument("--seeds", default="0", help="comma-separated seeds for the random policy")
     simulate.add_argument("--out", help="write the results as CSV to this path")
-    simulate.add_argument("--unroll", type=int, default=1, help="scan unroll factor (speed only)")
+    simulate.add_argument("--unroll", type=_positive_int, default=1, help="scan unroll factor (speed only)")
     simulate.add_argument("--quiet", action="store_true", help="hide the progress bar")
     simulate.set_defaults(handler=cmd_simulate)
 
     traces = commands.add_parser("traces", help="inspect or convert routing traces")
     trace_commands = traces.add_subparsers(dest="traces_command", required=True)
-    stats = trace_commands.add_parser("stats", help="print routing statistics of a trace")
+    stats = trace_commands.add_parser(
+        "stats", help="print routing statistics of a trace",
+        description="Print passes, layers, experts, top-k and missing cells; per layer the popularity skew "
+        "(max/mean load, entropy), consecutive-pass reuse against chance, next-layer top-1 predictability "
+        "against the majority baseline, and the reuse-distance distribution.",
+    )
     stats.add_argument("path", help="trace file or synthetic:NAME")
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
     stats.set_defaults(handler=cmd_traces_stats)
@@ -160,10 +220,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logger.setLevel(logging.INFO)
     try:
         return args.handler(args)
-    except (TraceError, ValueError, FileNotFoundError) as error:
+    except (TraceError, ValueError) as error:
+        print(f"specmd-jax: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if isinstance(error, BrokenPipeError):
+            # The reader (e.g. `head`) closed the pipe; stop quietly without a second error on exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         print(f"specmd-jax: error: {error}", file=sys.stderr)
         return 2
 

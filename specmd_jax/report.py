@@ -16,6 +16,7 @@ CSV_COLUMNS = (
     "scope",
     "capacity_experts",
     "capacity_fraction",
+    "capacity_effective",
     "requests",
     "hits",
     "hit_rate",
@@ -54,8 +55,12 @@ def _format_rate(value: float) -> str:
 
 
 def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] = ()) -> str:
-    """Render rows (policy x capacity) as an aligned plain-text table, then the skipped capacities."""
-    header = ("policy", "slots", "fraction", "hit_rate", "compulsory", "capacity", "collision", "belady_bound")
+    """Render rows (policy x capacity) as an aligned plain-text table, then the skipped capacities.
+
+    `slots` is the capacity as given and `used` the slots simulated: in per-layer scope each layer gets
+    floor(C / L) of them, so `used` can be smaller.
+    """
+    header = ("policy", "slots", "fraction", "used", "hit_rate", "compulsory", "capacity", "collision", "belady_bound")
     lines = [header]
     for row in rows:
         result = row.result
@@ -63,6 +68,7 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
             result.config.label if result.config.policy != "random" else f"{result.config.label}[seed={result.config.seed}]",
             str(result.config.capacity),
             f"{row.capacity_fraction:.4f}",
+            str(result.effective_capacity),
             _format_rate(result.hit_rate),
             str(result.compulsory_misses),
             str(result.capacity_misses),
@@ -93,6 +99,7 @@ def write_csv(rows: Sequence[ReportRow], path: str | os.PathLike) -> None:
                 result.scope,
                 result.config.capacity,
                 f"{row.capacity_fraction:.6f}",
+                result.effective_capacity,
                 result.requests,
                 result.hits,
                 f"{result.hit_rate:.6f}",

@@ -49,6 +49,9 @@ def run_study(
     Rows come in the order of `policies`, then by capacity.
     """
     parsed = [c if isinstance(c, Capacity) else Capacity.parse(str(c)) for c in capacities]
+    unselected = sorted(set(grid or {}) - set(policies))
+    if unselected:
+        raise ValueError(f"hyper-parameter grid for {unselected}, which are not among the policies {list(policies)}")
     requests = build_requests(trace)
 
     # Feasibility first: an infeasible capacity is reported and skipped, the others go on.
@@ -61,8 +64,10 @@ def run_study(
         except CapacityError as error:
             skipped.append(SkippedCapacity(str(capacity), str(error)))
             continue
-        if count not in slots:
-            slots.append(count)
+        if count in slots:
+            skipped.append(SkippedCapacity(str(capacity), f"gives {count} slots, like an earlier capacity; simulated once"))
+            continue
+        slots.append(count)
 
     configs = build_configs(policies, slots, grid or {}, seeds)
     bound_configs = [SimConfig(BOUND_POLICY, count) for count in slots]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 
 from specmd_jax.cli import main
 from specmd_jax.report import CSV_COLUMNS
@@ -20,7 +21,7 @@ def test_simulate_flame_writes_table_and_csv(flame_npz, tmp_path, capsys) -> Non
     ])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "skipped capacity 3: capacity of 3 slots is smaller than the 6 distinct experts" in printed
+    assert "skipped capacity 3: a capacity of 3 slots is smaller than the 6 distinct experts" in printed
     rows = list(csv.DictReader(out.open()))
     assert tuple(rows[0].keys()) == CSV_COLUMNS
     # 2 policies x 2 feasible capacities; 0.1 of 8 x 64 experts = floor(51.2 + 0.5) = 51 slots.
@@ -89,3 +90,46 @@ def test_traces_stats_and_convert(flame_npz, tmp_path, capsys) -> None:
     original = load_flame_npz(flame_npz)
     np.testing.assert_array_equal(converted.expert_ids, original.expert_ids)
     np.testing.assert_array_equal(converted.scores, original.scores)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--policies", ""], "invalid --policies '': expected at least one comma-separated value"),
+        (["--capacities", " , "], "invalid --capacities ' , ': expected at least one comma-separated value"),
+        (["--policies", "lru,lru"], "invalid --policies 'lru,lru': lru listed more than once"),
+        (["--seeds", "a"], "invalid --seeds value 'a': expected an integer"),
+        (["--policies", "random", "--seeds", "99999999999"], "SimConfig.seed: expected an integer in [0, 2147483647], got 99999999999"),
+        (["--policies", "s3fifo", "--param", "s3fifo.small_fraction=-1"], "s3fifo: invalid small_fraction -1"),
+        (["--policies", "s3fifo", "--param", "s3fifo.promote_threshold=0.5"], "s3fifo: invalid promote_threshold 0.5"),
+    ],
+)
+def test_simulate_rejects_bad_options(arguments, message, capsys) -> None:
+    defaults = [] if "--capacities" in arguments else ["--capacities", "0.5"]
+    code = main(["simulate", "--trace", "synthetic:mixtral-8x7b?passes=5", "--quiet", *defaults, *arguments])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_simulate_out_is_directory_fails_before_running(tmp_path, capsys) -> None:
+    code = main(["simulate", "--trace", "synthetic:mixtral-8x7b?passes=5", "--out", str(tmp_path), "--quiet"])
+    assert code == 2
+    assert f"invalid --out '{tmp_path}': it is a directory" in capsys.readouterr().err
+
+
+def test_simulate_unroll_zero_rejected(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["simulate", "--unroll", "0"])
+    assert "expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_simulate_per_layer_shows_used_slots(flame_npz, tmp_path, capsys) -> None:
+    out = tmp_path / "results.csv"
+    code = main(["simulate", "--trace", str(flame_npz), "--policies", "fifo", "--capacities", "0.1,7",
+                 "--scope", "per-layer", "--out", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    # 0.1 of 512 experts = 51 slots; per layer floor(51 / 8) = 6, so 48 slots are simulated.
+    row = next(csv.DictReader(out.open()))
+    assert (row["capacity_experts"], row["capacity_effective"]) == ("51", "48")
+    assert "a capacity of 7 slots gives 0 slots per layer in per-layer scope, fewer than the 6" in printed

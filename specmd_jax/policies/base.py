@@ -58,6 +58,7 @@ class EvictionPolicy(NamedTuple):
     on_inserts: Callable[[Any, Any, StepInfo], Any]
     default_params: Callable[[], Any] = lambda: ()
     description: str = ""
+    check_params: Callable[[Any], None] | None = None  # host-side validation, raises ValueError
 
 
 def rank_in_mask(mask: jax.Array) -> jax.Array:

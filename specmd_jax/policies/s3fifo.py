@@ -46,8 +46,8 @@ class S3FifoParams(NamedTuple):
 
     small_fraction is the share of the capacity that S may hold before eviction takes from it, in
     [0, 1], applied in millionths. promote_threshold is the frequency at which the oldest item of S
-    moves to M instead of being evicted. NOTE: traced values cannot raise errors, so small_fraction is
-    clipped to [0, 1] instead of checked, and promote_threshold is not checked.
+    moves to M instead of being evicted. `check_params` validates both on the host; inside the scan
+    small_fraction is also clipped to [0, 1].
     """
 
     small_fraction: float = 0.1
@@ -195,6 +195,17 @@ def _on_inserts(state: S3FifoState, params, info: StepInfo) -> S3FifoState:
     )
 
 
+def _check_params(params: S3FifoParams) -> None:
+    fraction, threshold = params.small_fraction, params.promote_threshold
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"s3fifo: invalid small_fraction {fraction!r}: expected a number in (0, 1), such as 0.1")
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= MAX_FREQUENCY:
+        raise ValueError(
+            f"s3fifo: invalid promote_threshold {threshold!r}: expected an integer in [1, {MAX_FREQUENCY}] "
+            f"(frequencies are capped at {MAX_FREQUENCY})"
+        )
+
+
 S3FIFO = EvictionPolicy(
     name="s3fifo",
     init=_init,
@@ -202,5 +213,6 @@ S3FIFO = EvictionPolicy(
     choose_victims=_choose_victims,
     on_inserts=_on_inserts,
     default_params=S3FifoParams,
+    check_params=_check_params,
     description="S3-FIFO: small FIFO S, main FIFO M with reinsertion, ghost FIFO G of ids evicted from S",
 )

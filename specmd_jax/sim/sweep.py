@@ -24,6 +24,7 @@ from specmd_jax.traces.trace import Trace
 logger = logging.getLogger(__name__)
 
 SCOPES = ("global", "per-layer")
+INT32_MAX = 2**31 - 1
 
 
 class CapacityError(ValueError):
@@ -84,15 +85,19 @@ def check_capacity(total_slots: int, scope: str, requests: StepRequests) -> None
     if slots < needed:
         where = np.unravel_index(int(np.argmax(requests.counts)), requests.counts.shape)
         if scope == "global":
-            capacity_text = f"capacity of {total_slots} slots"
-            minimum = needed
-        else:
-            capacity_text = f"capacity of {total_slots} slots ({slots} per layer in per-layer scope)"
-            minimum = needed * requests.num_layers
+            raise CapacityError(
+                f"a capacity of {_slots_text(total_slots)} is smaller than the {needed} distinct experts requested "
+                f"at pass {where[0]}, layer {where[1]}; use at least {_slots_text(needed)}"
+            )
         raise CapacityError(
-            f"{capacity_text} is smaller than the {needed} distinct experts requested at pass {where[0]}, "
-            f"layer {where[1]}; use at least {minimum} slots"
+            f"a capacity of {_slots_text(total_slots)} gives {_slots_text(slots)} per layer in per-layer scope, "
+            f"fewer than the {needed} distinct experts requested at pass {where[0]}, layer {where[1]}; "
+            f"use at least {_slots_text(needed * requests.num_layers)}"
         )
+
+
+def _slots_text(count: int) -> str:
+    return f"{count} slot" if count == 1 else f"{count} slots"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +112,12 @@ class SimConfig:
     def __post_init__(self):
         pairs = self.params.items() if isinstance(self.params, dict) else self.params
         object.__setattr__(self, "params", tuple(sorted((str(name), value) for name, value in pairs)))
+        for field, value, low in (("capacity", self.capacity, 1), ("seed", self.seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= INT32_MAX:
+                raise ValueError(f"SimConfig.{field}: expected an integer in [{low}, {INT32_MAX}], got {value!r}")
+        for name, value in self.params:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"SimConfig.params['{name}']: expected a number, got {value!r}")
 
     @property
     def label(self) -> str:
@@ -123,6 +134,7 @@ class SimResult:
 
     config: SimConfig
     scope: str
+    effective_capacity: int  # slots actually simulated: L * floor(C / L) in per-layer scope, else C
     requests: int
     hits: int
     compulsory_misses: int
@@ -157,7 +169,10 @@ def _policy_params(config: SimConfig):
     unknown = sorted(set(given) - set(defaults._fields))
     if unknown:
         raise ValueError(f"policy '{config.policy}' has no hyper-parameter {unknown}; it has {list(defaults._fields)}")
-    return defaults._replace(**given)
+    params = defaults._replace(**given)
+    if policy.check_params is not None:
+        policy.check_params(params)
+    return params
 
 
 def _stack(trees: Sequence[Any]):
@@ -168,7 +183,7 @@ def run_sweep(
     trace: Trace | StepRequests,
     configs: Iterable[SimConfig],
     *,
-    scope: str = "per-layer",
+    scope: str = "global",
     num_experts: int | None = None,
     record_events: bool = False,
     unroll: int = 1,
@@ -183,6 +198,8 @@ def run_sweep(
     With `record_events`, also return each configuration's `StepEvents` as numpy arrays [T, L, R].
     """
     check_scope(scope)
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"invalid unroll {unroll!r}: expected an integer >= 1")
     if isinstance(trace, Trace):
         requests = build_requests(trace)
         num_experts = trace.num_experts
@@ -220,7 +237,10 @@ def run_sweep(
             )
         totals = jax.device_get(totals)
         for position, index in enumerate(indices):
-            results[index] = _result(configs[index], scope, totals, position)
+            effective = pool_capacity(configs[index].capacity, scope, requests.num_layers)
+            if scope == "per-layer":
+                effective *= requests.num_layers
+            results[index] = _result(configs[index], scope, effective, totals, position)
             if record_events:
                 events_by_config[configs[index]] = jax.tree.map(lambda leaf: np.asarray(leaf[position]), events)
     if record_events:
@@ -245,10 +265,11 @@ def _spread_over_devices(batch, num_configs: int):
     return jax.device_put(batch, sharding)
 
 
-def _result(config: SimConfig, scope: str, totals: SweepTotals, position: int) -> SimResult:
+def _result(config: SimConfig, scope: str, effective: int, totals: SweepTotals, position: int) -> SimResult:
     return SimResult(
         config=config,
         scope=scope,
+        effective_capacity=effective,
         requests=int(totals.requests[position]),
         hits=int(totals.hits[position]),
         compulsory_misses=int(totals.compulsory[position]),

@@ -28,10 +28,11 @@ from specmd_jax.traces.trace import (
 )
 
 
-def error_pattern(path: Path, field: str, index: object, expected: str, actual: object) -> str:
+def error_pattern(path: Path, field: str, index: object, expected: str, actual: object, line: int | None = None) -> str:
     """Regex for the project's error layout, with every part matched literally."""
+    location = f" line {line}:" if line is not None else ""
     where = f" at index {index}" if index is not None else ""
-    return re.escape(f"{path}: field '{field}'{where}: expected {expected}, got {actual}")
+    return re.escape(f"{path}:{location} field '{field}'{where}: expected {expected}, got {actual}")
 
 
 def corrupt_member(path: Path, member: str) -> None:
@@ -374,9 +375,98 @@ def test_mixtral_real_missing_count_logged(mixtral_jsonl: Path, caplog: pytest.L
     assert "37 of 10816 (pass, layer) cells" in caplog.text
 
 
+def test_mixtral_default_layer_count(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "routing.jsonl", complete_rows({0: 3}))
+    trace = load_mixtral_jsonl(path)
+    assert trace.num_layers == 32
+    assert trace.metadata.layer_ids == tuple(range(32))
+    assert not trace.missing[:, :2].any()
+    assert trace.missing[:, 2:].all()
+    assert trace.num_missing_cells == 3 * 30
+
+
+def test_mixtral_layer_beyond_model(tmp_path: Path) -> None:
+    path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 32, 0))
+    expected = "a layer id in [0, 32) (the model's MoE layer count; pass num_layers=None to infer it)"
+    with pytest.raises(TraceError, match=error_pattern(path, "layer", None, expected, 32, line=4)):
+        load_mixtral_jsonl(path)
+
+
+def test_mixtral_layer_beyond_given_count(tmp_path: Path) -> None:
+    path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 4, 0))
+    expected = "a layer id in [0, 4) (the model's MoE layer count; pass num_layers=None to infer it)"
+    with pytest.raises(TraceError, match=error_pattern(path, "layer", None, expected, 4, line=4)):
+        load_mixtral_jsonl(path, num_layers=4)
+    assert load_mixtral_jsonl(path, num_layers=5).num_layers == 5
+
+
+def test_mixtral_inferred_layer_count(tmp_path: Path) -> None:
+    path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 40, 0))
+    trace = load_mixtral_jsonl(path, num_layers=None)
+    assert trace.num_layers == 41
+    assert trace.metadata.layer_ids == tuple(range(41))
+    assert not trace.missing[0, 40]
+
+
+def test_mixtral_num_experts_option(tmp_path: Path) -> None:
+    path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 0, 3, experts=[12, 1]))
+    with pytest.raises(TraceError, match=error_pattern(path, "experts", None, "an expert id in [0, 8)", 12, line=4)):
+        load_mixtral_jsonl(path)
+    trace = load_mixtral_jsonl(path, num_experts=16)
+    assert trace.num_experts == 16
+    assert trace.expert_ids[3, 0].tolist() == [12, 1]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"num_layers": 0}, "num_layers: expected a positive integer or None, got 0"),
+        ({"num_layers": True}, "num_layers: expected a positive integer or None, got True"),
+        ({"num_layers": 2.0}, "num_layers: expected a positive integer or None, got 2.0"),
+        ({"num_experts": 1}, "num_experts: expected an integer in [2, 32767] (int16 expert ids), got 1"),
+        ({"num_experts": 40000}, "num_experts: expected an integer in [2, 32767] (int16 expert ids), got 40000"),
+    ],
+)
+def test_mixtral_invalid_arguments(tmp_path: Path, arguments: dict, message: str) -> None:
+    path = write_jsonl(tmp_path / "routing.jsonl", complete_rows({0: 1}))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_mixtral_jsonl(path, **arguments)
+
+
+CELL_LIMIT_TEXT = "because a value far beyond the rows present would create mostly missing cells"
+
+
+def test_mixtral_cell_limit_boundary(tmp_path: Path) -> None:
+    # One row at token 1 gives 2 passes x 32 layers = 64 cells, the most allowed for one row.
+    trace = load_mixtral_jsonl(write_jsonl(tmp_path / "ok.jsonl", [mixtral_row(0, 0, 1)]))
+    assert trace.num_passes == 2
+    path = write_jsonl(tmp_path / "over.jsonl", [mixtral_row(0, 0, 2)])
+    expected = f"at most 64 (pass, layer) cells per row of the file (64 cells for 1 rows), {CELL_LIMIT_TEXT}"
+    with pytest.raises(TraceError, match=error_pattern(path, "token_idx", None, expected, "2, which makes 3 passes x 32 layers = 96 cells", line=1)):
+        load_mixtral_jsonl(path)
+
+
+@pytest.mark.parametrize("token", [100_000, 2_147_483_647])
+def test_mixtral_huge_token_idx(tmp_path: Path, token: int) -> None:
+    path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 0, token))
+    passes = token + 1
+    expected = f"at most 64 (pass, layer) cells per row of the file (256 cells for 4 rows), {CELL_LIMIT_TEXT}"
+    actual = f"{token}, which makes {passes} passes x 32 layers = {passes * 32} cells"
+    with pytest.raises(TraceError, match=error_pattern(path, "token_idx", None, expected, actual, line=4)):
+        load_mixtral_jsonl(path)
+
+
+def test_mixtral_huge_inferred_layer(tmp_path: Path) -> None:
+    path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 100_000, 0))
+    expected = f"at most 64 (pass, layer) cells per row of the file (256 cells for 4 rows), {CELL_LIMIT_TEXT}"
+    actual = "100000, which makes 3 passes x 100001 layers = 300003 cells"
+    with pytest.raises(TraceError, match=error_pattern(path, "layer", None, expected, actual, line=4)):
+        load_mixtral_jsonl(path, num_layers=None)
+
+
 def test_mixtral_small_file_layout(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "routing.jsonl", complete_rows({0: 3, 1: 2}))
-    trace = load_mixtral_jsonl(path)
+    trace = load_mixtral_jsonl(path, num_layers=None)
     assert trace.num_passes == 5
     assert trace.num_layers == 2
     assert trace.num_missing_cells == 0
@@ -389,8 +479,8 @@ def test_mixtral_small_file_layout(tmp_path: Path) -> None:
 
 def test_mixtral_row_order_irrelevant(tmp_path: Path) -> None:
     rows = complete_rows({0: 3, 1: 2})
-    ordered = load_mixtral_jsonl(write_jsonl(tmp_path / "ordered.jsonl", rows))
-    shuffled = load_mixtral_jsonl(write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1]))
+    ordered = load_mixtral_jsonl(write_jsonl(tmp_path / "ordered.jsonl", rows), num_layers=None)
+    shuffled = load_mixtral_jsonl(write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1]), num_layers=None)
     assert np.array_equal(ordered.expert_ids, shuffled.expert_ids)
     assert np.array_equal(ordered.scores, shuffled.scores)
     assert np.array_equal(ordered.pass_sequence, shuffled.pass_sequence)
@@ -400,7 +490,7 @@ def test_mixtral_absent_row_is_missing_cell(tmp_path: Path, caplog: pytest.LogCa
     rows = [row for row in complete_rows({0: 3}) if (row["layer"], row["token_idx"]) != (1, 2)]
     path = write_jsonl(tmp_path / "routing.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="specmd_jax.traces.mixtral"):
-        trace = load_mixtral_jsonl(path)
+        trace = load_mixtral_jsonl(path, num_layers=None)
     assert trace.num_missing_cells == 1
     assert trace.missing[2, 1]
     assert trace.expert_ids[2, 1].tolist() == [MISSING_EXPERT, MISSING_EXPERT]
@@ -410,7 +500,7 @@ def test_mixtral_absent_row_is_missing_cell(tmp_path: Path, caplog: pytest.LogCa
 
 def test_mixtral_token_without_rows_is_empty_pass(tmp_path: Path) -> None:
     rows = [row for row in complete_rows({0: 4}) if row["token_idx"] != 1]
-    trace = load_mixtral_jsonl(write_jsonl(tmp_path / "routing.jsonl", rows))
+    trace = load_mixtral_jsonl(write_jsonl(tmp_path / "routing.jsonl", rows), num_layers=None)
     assert trace.num_passes == 4
     assert trace.missing[1].tolist() == [True, True]
     assert trace.num_missing_cells == 2
@@ -419,14 +509,14 @@ def test_mixtral_token_without_rows_is_empty_pass(tmp_path: Path) -> None:
 
 def test_mixtral_tokens_before_first_row_are_passes(tmp_path: Path) -> None:
     rows = [mixtral_row(0, 0, 2), mixtral_row(0, 1, 2)]
-    trace = load_mixtral_jsonl(write_jsonl(tmp_path / "routing.jsonl", rows))
+    trace = load_mixtral_jsonl(write_jsonl(tmp_path / "routing.jsonl", rows), num_layers=None)
     assert trace.num_passes == 3
     assert trace.missing.tolist() == [[True, True], [True, True], [False, False]]
 
 
 def test_mixtral_layer_counts_differ_between_problems(tmp_path: Path) -> None:
     rows = complete_rows({0: 2}, num_layers=3) + complete_rows({1: 2}, num_layers=2)
-    trace = load_mixtral_jsonl(write_jsonl(tmp_path / "routing.jsonl", rows))
+    trace = load_mixtral_jsonl(write_jsonl(tmp_path / "routing.jsonl", rows), num_layers=None)
     assert trace.num_layers == 3
     assert trace.missing[:, 2].tolist() == [False, False, True, True]
     assert trace.num_missing_cells == 2
@@ -447,7 +537,7 @@ def test_mixtral_blank_lines_skipped(tmp_path: Path) -> None:
 
 def test_mixtral_invalid_json(tmp_path: Path) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", '{"dataset": "humaneval", "layer": }')
-    pattern = error_pattern(path, "row", "line 4", "a JSON object", "invalid JSON (Expecting value at column 35)")
+    pattern = error_pattern(path, "row", None, "a JSON object", "invalid JSON (Expecting value at column 35)", line=4)
     with pytest.raises(TraceError, match=pattern):
         load_mixtral_jsonl(path)
 
@@ -456,13 +546,43 @@ def test_mixtral_truncated_file(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "routing.jsonl", complete_rows({0: 3}))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 20])
-    with pytest.raises(TraceError, match=re.escape(f"{path}: field 'row' at index line 6: expected a JSON object, got invalid JSON")):
+    with pytest.raises(TraceError, match=re.escape(f"{path}: line 6: field 'row': expected a JSON object, got invalid JSON")):
+        load_mixtral_jsonl(path)
+
+
+def test_mixtral_cut_line_column(tmp_path: Path) -> None:
+    # The line keeps its line break, as when a writer was cut off and later rows were appended.
+    cut = json.dumps(mixtral_row(0, 0, 3))[:40]
+    path = write_with_bad_line(tmp_path / "routing.jsonl", cut)
+    pattern = error_pattern(path, "row", None, "a JSON object", "invalid JSON (Expecting ',' delimiter at column 41)", line=4)
+    with pytest.raises(TraceError, match=pattern):
+        load_mixtral_jsonl(path)
+
+
+def test_mixtral_unterminated_string_message(tmp_path: Path) -> None:
+    path = write_with_bad_line(tmp_path / "routing.jsonl", '{"dataset": "humaneval", "layer": 0, "experts": "ab')
+    pattern = error_pattern(path, "row", None, "a JSON object", "invalid JSON (Unterminated string starting at column 49)", line=4)
+    with pytest.raises(TraceError, match=pattern):
+        load_mixtral_jsonl(path)
+
+
+def test_mixtral_duplicate_key(tmp_path: Path) -> None:
+    line = json.dumps(mixtral_row(0, 0, 3)).replace('"layer": 0', '"layer": 0, "layer": 1')
+    path = write_with_bad_line(tmp_path / "routing.jsonl", line)
+    with pytest.raises(TraceError, match=error_pattern(path, "layer", None, "each key once per row", "2 values (0, 1)", line=4)):
+        load_mixtral_jsonl(path)
+
+
+def test_mixtral_duplicate_nested_key(tmp_path: Path) -> None:
+    line = json.dumps({**mixtral_row(0, 0, 3), "extra": {"a": 1}}).replace('"a": 1', '"a": 1, "a": 2')
+    path = write_with_bad_line(tmp_path / "routing.jsonl", line)
+    with pytest.raises(TraceError, match=error_pattern(path, "a", None, "each key once per row", "2 values (1, 2)", line=4)):
         load_mixtral_jsonl(path)
 
 
 def test_mixtral_line_not_object(tmp_path: Path) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", "[0, 1, 2]")
-    with pytest.raises(TraceError, match=error_pattern(path, "row", "line 4", "a JSON object", "an array [0, 1, 2]")):
+    with pytest.raises(TraceError, match=error_pattern(path, "row", None, "a JSON object", "an array [0, 1, 2]", line=4)):
         load_mixtral_jsonl(path)
 
 
@@ -471,14 +591,14 @@ def test_mixtral_missing_key(tmp_path: Path, key: str) -> None:
     row = mixtral_row(0, 0, 3)
     del row[key]
     path = write_with_bad_line(tmp_path / "routing.jsonl", row)
-    with pytest.raises(TraceError, match=re.escape(f"{path}: field '{key}' at index line 4: expected the keys ")) as info:
+    with pytest.raises(TraceError, match=re.escape(f"{path}: line 4: field '{key}': expected the keys ")) as info:
         load_mixtral_jsonl(path)
     assert "got no such key (the row has" in str(info.value)
 
 
 def test_mixtral_unknown_key(tmp_path: Path) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", {**mixtral_row(0, 0, 3), "logits": [1.0]})
-    with pytest.raises(TraceError, match=re.escape(f"{path}: field 'logits' at index line 4: expected only the keys ")) as info:
+    with pytest.raises(TraceError, match=re.escape(f"{path}: line 4: field 'logits': expected only the keys ")) as info:
         load_mixtral_jsonl(path)
     assert "got unknown keys ['logits']" in str(info.value)
 
@@ -496,14 +616,14 @@ def test_mixtral_unknown_key(tmp_path: Path) -> None:
 )
 def test_mixtral_non_integer_index(tmp_path: Path, key: str, value: object, actual: str) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", {**mixtral_row(0, 0, 3), key: value})
-    with pytest.raises(TraceError, match=error_pattern(path, key, "line 4", "an integer", actual)):
+    with pytest.raises(TraceError, match=error_pattern(path, key, None, "an integer", actual, line=4)):
         load_mixtral_jsonl(path)
 
 
 @pytest.mark.parametrize("key", ["layer", "token_idx", "problem_id"])
 def test_mixtral_negative_index(tmp_path: Path, key: str) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", {**mixtral_row(0, 0, 3), key: -1})
-    with pytest.raises(TraceError, match=error_pattern(path, key, "line 4", "an integer in [0, 2147483647]", -1)):
+    with pytest.raises(TraceError, match=error_pattern(path, key, None, "an integer in [0, 2147483647]", -1, line=4)):
         load_mixtral_jsonl(path)
 
 
@@ -512,32 +632,32 @@ def test_mixtral_list_length(tmp_path: Path, key: str) -> None:
     value = [1, 2, 3] if key == "experts" else [0.5]
     path = write_with_bad_line(tmp_path / "routing.jsonl", {**mixtral_row(0, 0, 3), key: value})
     expected = "2 entries (Mixtral routes each token to its top 2)"
-    with pytest.raises(TraceError, match=error_pattern(path, key, "line 4", expected, f"{len(value)} entries {value}")):
+    with pytest.raises(TraceError, match=error_pattern(path, key, None, expected, f"{len(value)} entries {value}", line=4)):
         load_mixtral_jsonl(path)
 
 
 def test_mixtral_experts_not_list(tmp_path: Path) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", {**mixtral_row(0, 0, 3), "experts": 6})
-    with pytest.raises(TraceError, match=error_pattern(path, "experts", "line 4", "an array of 2 entries", "a number 6")):
+    with pytest.raises(TraceError, match=error_pattern(path, "experts", None, "an array of 2 entries", "a number 6", line=4)):
         load_mixtral_jsonl(path)
 
 
 @pytest.mark.parametrize("bad_id", [8, -1])
 def test_mixtral_expert_id_out_of_range(tmp_path: Path, bad_id: int) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 0, 3, experts=[1, bad_id]))
-    with pytest.raises(TraceError, match=error_pattern(path, "experts", "line 4", "an expert id in [0, 8)", bad_id)):
+    with pytest.raises(TraceError, match=error_pattern(path, "experts", None, "an expert id in [0, 8)", bad_id, line=4)):
         load_mixtral_jsonl(path)
 
 
 def test_mixtral_expert_id_not_integer(tmp_path: Path) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 0, 3, experts=[1, 2.0]))
-    with pytest.raises(TraceError, match=error_pattern(path, "experts", "line 4", "integer expert ids", "a number 2.0")):
+    with pytest.raises(TraceError, match=error_pattern(path, "experts", None, "integer expert ids", "a number 2.0", line=4)):
         load_mixtral_jsonl(path)
 
 
 def test_mixtral_duplicate_experts(tmp_path: Path) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 0, 3, experts=[4, 4]))
-    with pytest.raises(TraceError, match=error_pattern(path, "experts", "line 4", "distinct experts within one top-k", [4, 4])):
+    with pytest.raises(TraceError, match=error_pattern(path, "experts", None, "distinct experts within one top-k", [4, 4], line=4)):
         load_mixtral_jsonl(path)
 
 
@@ -546,34 +666,34 @@ def test_mixtral_invalid_gating_prob(tmp_path: Path, literal: str, actual: str) 
     line = json.dumps(mixtral_row(0, 0, 3, probs=[0.75, 0.25])).replace("0.25", literal)
     path = write_with_bad_line(tmp_path / "routing.jsonl", line)
     expected = "a finite probability in [0, 1]"
-    with pytest.raises(TraceError, match=error_pattern(path, "gating_probs", "line 4", expected, actual)):
+    with pytest.raises(TraceError, match=error_pattern(path, "gating_probs", None, expected, actual, line=4)):
         load_mixtral_jsonl(path)
 
 
 def test_mixtral_gating_prob_not_number(tmp_path: Path) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 0, 3, probs=[0.75, "0.25"]))
-    with pytest.raises(TraceError, match=error_pattern(path, "gating_probs", "line 4", "numbers", 'a string "0.25"')):
+    with pytest.raises(TraceError, match=error_pattern(path, "gating_probs", None, "numbers", 'a string "0.25"', line=4)):
         load_mixtral_jsonl(path)
 
 
 def test_mixtral_duplicate_row(tmp_path: Path) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", mixtral_row(0, 0, 1, experts=[0, 7]))
     expected = "one row per (problem_id, layer, token_idx) = (0, 0, 1)"
-    with pytest.raises(TraceError, match=error_pattern(path, "row", "line 4", expected, "a second row after line 2")):
+    with pytest.raises(TraceError, match=error_pattern(path, "row", None, expected, "a second row after line 2", line=4)):
         load_mixtral_jsonl(path)
 
 
 def test_mixtral_second_dataset(tmp_path: Path) -> None:
     path = write_with_bad_line(tmp_path / "routing.jsonl", {**mixtral_row(0, 0, 3), "dataset": "gsm8k"})
     expected = "'humaneval' (the dataset of line 1)"
-    with pytest.raises(TraceError, match=error_pattern(path, "dataset", "line 4", expected, "'gsm8k'")):
+    with pytest.raises(TraceError, match=error_pattern(path, "dataset", None, expected, "'gsm8k'", line=4)):
         load_mixtral_jsonl(path)
 
 
 def test_mixtral_invalid_utf8(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "routing.jsonl", complete_rows({0: 1}, num_layers=1))
     path.write_bytes(path.read_bytes() + b'{"dataset": "\xff"}\n')
-    with pytest.raises(TraceError, match=error_pattern(path, "row", "line 2", "UTF-8 text", "invalid byte at column 14")):
+    with pytest.raises(TraceError, match=error_pattern(path, "row", None, "UTF-8 text", "invalid byte at column 14", line=2)):
         load_mixtral_jsonl(path)
 
 

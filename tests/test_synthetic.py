@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from specmd_jax.traces import PASS_DECODE, PASS_PREFILL, TraceError
+from specmd_jax.traces import synthetic
 from specmd_jax.traces.stats import compute_stats
 from specmd_jax.traces.synthetic import (
     DEFAULT_SPEC,
     PRESETS,
     SyntheticConfig,
+    estimate_trace_bytes,
     fit_popularity,
     generate_synthetic,
     inclusion_probabilities,
@@ -108,6 +110,36 @@ def test_config_rejects_invalid(changes, message):
     with pytest.raises(ValueError) as error:
         small_config(**changes)
     assert message in str(error.value)
+
+
+def test_spec_too_large_rejected():
+    spec = "synthetic:mixtral-8x7b?passes=100000000"
+    with pytest.raises(TraceError) as error:
+        load_synthetic(spec)
+    message = str(error.value)
+    assert message.startswith(f"synthetic spec {spec!r}: estimated memory 44.6 GiB (124756364 tokens x 32 layers x 2 experts")
+    assert "for 100000000 passes) exceeds the limit of 8 GiB. Request fewer passes" in message
+
+
+@pytest.mark.parametrize("num_passes", [None, 1, 6, 7, 8, 13])
+def test_estimate_matches_generated_tokens(num_passes):
+    config = small_config(num_passes=num_passes)
+    trace = generate_synthetic(config)
+    assert estimate_trace_bytes(config) == trace.num_tokens * 4 * 4 * 6
+
+
+def test_size_limit_boundary(monkeypatch):
+    config = small_config()
+    monkeypatch.setattr(synthetic, "MAX_TRACE_BYTES", estimate_trace_bytes(config))
+    assert generate_synthetic(config).num_tokens == 27
+    monkeypatch.setattr(synthetic, "MAX_TRACE_BYTES", estimate_trace_bytes(config) - 1)
+    with pytest.raises(TraceError, match="synthetic config 'small': estimated memory"):
+        generate_synthetic(config)
+
+
+def test_presets_within_size_limit():
+    for name, config in PRESETS.items():
+        assert estimate_trace_bytes(config) <= synthetic.MAX_TRACE_BYTES, name
 
 
 # --- layout, metadata, determinism ---

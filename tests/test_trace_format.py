@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import zipfile
@@ -316,3 +317,104 @@ def test_speculative_logits_nan_in_present_cell() -> None:
     speculative[1, 0, 2] = np.nan
     with pytest.raises(TraceError, match=re.escape("field 'speculative_logits' at index (1, 0, 2): expected a finite logit, got nan")):
         _speculative_trace(speculative)
+
+
+# Metadata types ---------------------------------------------------------------------------------------
+
+
+def write_metadata(path: Path, **changes: object) -> Path:
+    """Save `small_trace()` with some metadata values replaced in the stored JSON."""
+    save_trace(small_trace(), path)
+    raw = json.loads(small_trace().metadata.to_json())
+    raw.update(changes)
+    rewrite_members(path, metadata=np.asarray(json.dumps(raw)))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected", "actual"),
+    [
+        ("synthetic", "no", "true or false", '"no"'),
+        ("synthetic", 0, "true or false", "0"),
+        ("num_experts", True, "an integer", "true"),
+        ("num_layers", "2", "an integer", '"2"'),
+        ("top_k", 1.0, "an integer", "1.0"),
+        ("model", 7, "a string", "7"),
+        ("source", None, "a string", "null"),
+        ("notes", ["a"], "a string", '["a"]'),
+        ("layer_ids", [0, True], "a list of integers or null", "[0, true]"),
+    ],
+)
+def test_load_metadata_wrong_type(tmp_path: Path, field: str, value: object, expected: str, actual: str) -> None:
+    path = write_metadata(tmp_path / "trace.npz", **{field: value})
+    message = f"{path}: field 'metadata.{field}': expected {expected}, got {actual}"
+    with pytest.raises(TraceError, match=re.escape(message)):
+        load_trace(path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"synthetic": "no"}, "field 'metadata.synthetic': expected True or False, got 'no'"),
+        ({"num_experts": True}, "field 'metadata.num_experts': expected a positive integer, got True"),
+        ({"model": None}, "field 'metadata.model': expected a string, got None"),
+    ],
+)
+def test_make_trace_metadata_wrong_type(changes: dict, message: str) -> None:
+    metadata = dataclasses.replace(small_trace().metadata, **changes)
+    with pytest.raises(TraceError, match=re.escape(f"<trace>: {message}")):
+        make_trace(np.array([[[0], [1]], [[2], [3]]]), metadata)
+
+
+# Pass sequences -----------------------------------------------------------------------------------------
+
+
+def sequence_trace(pass_sequence: list[int]) -> Trace:
+    """One decode token per pass, with the given sequence ids."""
+    num_passes = len(pass_sequence)
+    expert_ids = np.zeros((num_passes, 2, 1), dtype=np.int16)
+    metadata = TraceMetadata(model="tiny", num_layers=2, num_experts=4, top_k=1, source="test")
+    return make_trace(expert_ids, metadata, pass_sequence=np.array(pass_sequence))
+
+
+def test_pass_sequence_negative() -> None:
+    message = "<trace>: field 'pass_sequence' at index 0: expected a sequence id >= 0, got -5"
+    with pytest.raises(TraceError, match=re.escape(message)):
+        sequence_trace([-5, -5, -5])
+
+
+@pytest.mark.parametrize(
+    ("pass_sequence", "index", "sequence", "end"),
+    [
+        ([0, 1, 0], 2, 0, 0),
+        ([0, 0, 1, 1, 2, 0], 5, 0, 1),
+        ([3, 3, 1, 2, 1], 4, 1, 2),
+    ],
+)
+def test_pass_sequence_not_contiguous(pass_sequence: list[int], index: int, sequence: int, end: int) -> None:
+    expected = f"a sequence id not used before (the passes of one sequence must be contiguous, and sequence {sequence} ended at pass {end})"
+    message = f"<trace>: field 'pass_sequence' at index {index}: expected {expected}, got {sequence}"
+    with pytest.raises(TraceError, match=re.escape(message)):
+        sequence_trace(pass_sequence)
+
+
+@pytest.mark.parametrize("pass_sequence", [[0, 0, 1, 1], [1, 1, 0, 0], [2, 5, 5, 9], [7]])
+def test_pass_sequence_contiguous_accepted(pass_sequence: list[int]) -> None:
+    # Ids are labels: gaps and descending order are valid as long as each sequence is contiguous.
+    assert sequence_trace(pass_sequence).pass_sequence.tolist() == pass_sequence
+
+
+def test_load_pass_sequence_not_contiguous(tmp_path: Path) -> None:
+    path = tmp_path / "trace.npz"
+    save_trace(mixed_trace(), path)
+    rewrite_members(path, pass_sequence=np.array([0, 0, 1, 1, 0, 0], dtype=np.int32))
+    with pytest.raises(TraceError, match=re.escape(f"{path}: field 'pass_sequence' at index 4: expected a sequence id not used before")):
+        load_trace(path)
+
+
+def test_real_files_have_contiguous_sequences(flame_npz: Path, mixtral_jsonl: Path) -> None:
+    for trace in (load_flame_npz(flame_npz), load_mixtral_jsonl(mixtral_jsonl)):
+        starts = np.flatnonzero(np.diff(trace.pass_sequence)) + 1
+        run_ids = trace.pass_sequence[np.concatenate(([0], starts))]
+        assert len(np.unique(run_ids)) == len(run_ids)
+        assert trace.pass_sequence.min() >= 0

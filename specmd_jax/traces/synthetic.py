@@ -472,6 +472,47 @@ def fit_popularity(
 _CHUNK_TOKENS = 32768
 
 
+# Upper bound on the estimated memory of one generated trace, so that a spec with a huge pass count
+# fails with a message instead of exhausting memory.
+MAX_TRACE_BYTES = 8 * 2**30
+# Estimated peak bytes per (token, layer, top-k slot): the generated int16 expert ids and the int16
+# copy that `make_trace` stores, plus boolean masks of the same shape that `validate_trace` builds.
+_BYTES_PER_SLOT = 6
+
+
+def _count_passes_and_tokens(config: SyntheticConfig) -> tuple[int, int]:
+    """Return (passes, tokens) of the layout that `_pass_layout` builds, without building it."""
+    per_sequence = config.passes_per_sequence
+    tokens_per_sequence = config.prompt_tokens + config.decode_tokens
+    if config.num_passes is None:
+        return config.num_sequences * per_sequence, config.num_sequences * tokens_per_sequence
+    full_sequences, extra_passes = divmod(config.num_passes, per_sequence)
+    extra_tokens = 0
+    if extra_passes:
+        # The cut-short sequence keeps its prefill pass (if any) and some decode passes.
+        extra_tokens = config.prompt_tokens + extra_passes - 1 if config.prompt_tokens else extra_passes
+    return config.num_passes, full_sequences * tokens_per_sequence + extra_tokens
+
+
+def estimate_trace_bytes(config: SyntheticConfig) -> int:
+    """Estimate the peak memory of generating and validating the trace of `config`, in bytes."""
+    _, num_tokens = _count_passes_and_tokens(config)
+    return num_tokens * config.num_layers * config.top_k * _BYTES_PER_SLOT
+
+
+def _check_trace_size(config: SyntheticConfig, spec: str | None) -> None:
+    estimate = estimate_trace_bytes(config)
+    if estimate <= MAX_TRACE_BYTES:
+        return
+    num_passes, num_tokens = _count_passes_and_tokens(config)
+    name = f"synthetic spec {spec!r}" if spec else f"synthetic config {config.name!r}"
+    raise TraceError(
+        f"{name}: estimated memory {estimate / 2**30:.1f} GiB ({num_tokens} tokens x {config.num_layers} layers x "
+        f"{config.top_k} experts per token x {_BYTES_PER_SLOT} bytes, for {num_passes} passes) exceeds the limit of "
+        f"{MAX_TRACE_BYTES / 2**30:g} GiB. Request fewer passes, sequences or tokens per sequence."
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     pass_offsets: np.ndarray
@@ -547,8 +588,12 @@ def _draw_layer(
 
 
 def generate_synthetic(config: SyntheticConfig, spec: str | None = None) -> Trace:
-    """Generate a synthetic trace (see the module docstring for the model); `spec` is recorded in notes."""
+    """Generate a synthetic trace (see the module docstring for the model); `spec` is recorded in notes.
+
+    Raises `TraceError` when `estimate_trace_bytes` exceeds `MAX_TRACE_BYTES`.
+    """
     L, E, K = config.num_layers, config.num_experts, config.top_k
+    _check_trace_size(config, spec)
     layout = _pass_layout(config)
     num_tokens = int(layout.pass_offsets[-1])
     rng = np.random.default_rng(config.seed)

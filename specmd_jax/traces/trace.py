@@ -38,10 +38,14 @@ class TraceError(ValueError):
     """Invalid trace data; the message names the file, field, index, expected and actual value."""
 
 
-def trace_error(origin: str, field: str, index: Any, expected: str, actual: Any) -> TraceError:
-    """Build a `TraceError` whose message follows the project's error layout."""
+def trace_error(origin: str, field: str, index: Any, expected: str, actual: Any, *, line: int | None = None) -> TraceError:
+    """Build a `TraceError` whose message follows the project's error layout.
+
+    `line` is the 1-based line of a text source such as JSONL; it goes right after the file name.
+    """
+    location = f" line {line}:" if line is not None else ""
     where = f" at index {index}" if index is not None else ""
-    return TraceError(f"{origin}: field '{field}'{where}: expected {expected}, got {actual}")
+    return TraceError(f"{origin}:{location} field '{field}'{where}: expected {expected}, got {actual}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +80,30 @@ class TraceMetadata:
         unknown = sorted(raw.keys() - names)
         if unknown:
             raise trace_error(origin, "metadata", None, f"only keys {sorted(names)}", f"unknown {unknown}")
-        layer_ids = raw.get("layer_ids")
-        if layer_ids is not None:
-            if not isinstance(layer_ids, list) or not all(isinstance(x, int) for x in layer_ids):
-                raise trace_error(origin, "metadata.layer_ids", None, "a list of integers or null", repr(layer_ids))
-            raw["layer_ids"] = tuple(layer_ids)
+        _check_metadata_types(raw, origin)
+        if raw.get("layer_ids") is not None:
+            raw["layer_ids"] = tuple(raw["layer_ids"])
         return cls(**raw)
+
+
+def _is_json_int(value: Any) -> bool:
+    # bool is a subclass of int in Python, so `true` would otherwise pass as 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata_types(raw: dict[str, Any], origin: str) -> None:
+    """Raise `TraceError` unless every metadata value has the JSON type of its field."""
+    for field in ("model", "source", "notes"):
+        if field in raw and not isinstance(raw[field], str):
+            raise trace_error(origin, f"metadata.{field}", None, "a string", json.dumps(raw[field]))
+    for field in ("num_layers", "num_experts", "top_k"):
+        if not _is_json_int(raw[field]):
+            raise trace_error(origin, f"metadata.{field}", None, "an integer", json.dumps(raw[field]))
+    if "synthetic" in raw and not isinstance(raw["synthetic"], bool):
+        raise trace_error(origin, "metadata.synthetic", None, "true or false", json.dumps(raw["synthetic"]))
+    layer_ids = raw.get("layer_ids")
+    if layer_ids is not None and not (isinstance(layer_ids, list) and all(_is_json_int(x) for x in layer_ids)):
+        raise trace_error(origin, "metadata.layer_ids", None, "a list of integers or null", json.dumps(layer_ids))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,7 +117,8 @@ class Trace:
         request to the simulation; it is never filled in.
       pass_offsets: int64 [T + 1], pass p covers tokens pass_offsets[p] .. pass_offsets[p + 1] - 1.
       pass_kind: int8 [T], `PASS_PREFILL` or `PASS_DECODE`.
-      pass_sequence: int32 [T], the sequence (request) each pass belongs to.
+      pass_sequence: int32 [T], the sequence (request) id >= 0 of each pass. The passes of one sequence
+        are contiguous, and ids need not be consecutive or ascending.
       metadata: model and source facts.
       scores: float32 [N, L, K] router scores of the selected experts (NaN in missing cells), or None.
       router_logits: float32 [N, L, E] full router logits (NaN in missing cells), or None.
@@ -165,13 +188,44 @@ def _check_array(origin: str, field: str, value: Any, ndim: int, kinds: str, kin
         raise trace_error(origin, field, None, kind_text, f"dtype {value.dtype}")
 
 
+def _check_pass_sequence(sequence: np.ndarray, origin: str) -> None:
+    """Require sequence ids >= 0, with the passes of each sequence contiguous in the trace.
+
+    Ids are labels, so they need not be consecutive or ascending. Per-sequence analyses compare each
+    pass with the one before it, so a sequence that resumes after another one started is rejected.
+    """
+    negative = sequence < 0
+    if negative.any():
+        index = _first_index(negative)[0]
+        raise trace_error(origin, "pass_sequence", index, "a sequence id >= 0", int(sequence[index]))
+    starts = np.flatnonzero(np.diff(sequence) != 0) + 1
+    run_ids = sequence[np.concatenate(([0], starts))]
+    _, first_run = np.unique(run_ids, return_index=True)
+    if len(first_run) < len(run_ids):
+        run = int(np.setdiff1d(np.arange(len(run_ids)), first_run)[0])
+        index = int(starts[run - 1])
+        previous_pass = int(np.flatnonzero(sequence[:index] == sequence[index])[-1])
+        raise trace_error(
+            origin, "pass_sequence", index,
+            f"a sequence id not used before (the passes of one sequence must be contiguous, and sequence "
+            f"{int(sequence[index])} ended at pass {previous_pass})",
+            int(sequence[index]),
+        )
+
+
 def validate_trace(trace: Trace, origin: str = "<trace>") -> None:
     """Raise `TraceError` unless every field of `trace` is consistent with the format above."""
     meta = trace.metadata
     for field in ("num_layers", "num_experts", "top_k"):
         value = getattr(meta, field)
-        if not isinstance(value, (int, np.integer)) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise trace_error(origin, f"metadata.{field}", None, "a positive integer", repr(value))
+    if not isinstance(meta.synthetic, (bool, np.bool_)):
+        raise trace_error(origin, "metadata.synthetic", None, "True or False", repr(meta.synthetic))
+    for field in ("model", "source", "notes"):
+        value = getattr(meta, field)
+        if not isinstance(value, str):
+            raise trace_error(origin, f"metadata.{field}", None, "a string", repr(value))
     if meta.top_k > meta.num_experts:
         raise trace_error(origin, "metadata.top_k", None, f"at most num_experts={meta.num_experts}", meta.top_k)
     if meta.num_experts > np.iinfo(np.int16).max:
@@ -216,6 +270,7 @@ def validate_trace(trace: Trace, origin: str = "<trace>") -> None:
     if decode_long.any():
         index = _first_index(decode_long)[0]
         raise trace_error(origin, "pass_offsets", index, "1 token in a decode pass", int(steps[index]))
+    _check_pass_sequence(trace.pass_sequence, origin)
 
     # Expert ids: in range where present, all MISSING_EXPERT where missing, distinct within a top-k.
     ids = trace.expert_ids

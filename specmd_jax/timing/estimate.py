@@ -1,0 +1,230 @@
+"""Latency estimates of a simulated expert cache: TTFT, TPOT and stall time, with two reference timelines."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from specmd_jax.sim.engine import OUTCOME_CAPACITY, OUTCOME_COLLISION, OUTCOME_COMPULSORY, OUTCOME_NONE
+from specmd_jax.sim.requests import build_requests
+from specmd_jax.timing.compute import dense_layers_time, lm_head_time, moe_layer_times
+from specmd_jax.timing.hardware import Hardware
+from specmd_jax.timing.models import ModelShape
+from specmd_jax.timing.timeline import PrefetchPlan, Timeline, simulate_timeline
+from specmd_jax.traces.trace import PASS_DECODE, PASS_PREFILL, Trace
+
+MISS_OUTCOMES = (OUTCOME_COMPULSORY, OUTCOME_CAPACITY, OUTCOME_COLLISION)
+
+NOTE_NO_PREFILL = "the trace has no prefill pass, so only TPOT is reported (TTFT is None)"
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencySummary:
+    """Latency figures of one timeline, in seconds.
+
+    Attributes:
+      total_time: end of the last pass.
+      total_stall: time all layers waited for experts.
+      ttft: mean time to first token over the sequences that have one (see `sequence_ttft`), or None.
+      tpot: mean time of a decode pass over all decode passes, or None when there is none.
+    """
+
+    total_time: float
+    total_stall: float
+    ttft: float | None
+    tpot: float | None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # numpy fields: compare the summaries instead
+class TimingResult:
+    """Timing of one cache configuration on one trace, with its two references.
+
+    Attributes:
+      hardware, model: what the times were computed for.
+      transfer_time: seconds one expert transfer occupies the link.
+      compute: float64 [T, L], compute seconds of each MoE layer in each pass.
+      timeline: the timeline of the simulated cache (misses become demand loads).
+      timed: its latency figures.
+      all_resident: the same passes with every expert resident (no transfers).
+      no_cache: the same passes with every requested expert transferred at every step.
+      ttft_per_sequence: time to first token of each sequence that has one, by sequence id.
+      demand_loads, prefetches: transfers of each kind in the timed timeline.
+      note: why a figure is missing, or "".
+    """
+
+    hardware: Hardware
+    model: ModelShape
+    transfer_time: float
+    compute: np.ndarray
+    timeline: Timeline
+    timed: LatencySummary
+    all_resident: LatencySummary
+    no_cache: LatencySummary
+    ttft_per_sequence: dict[int, float]
+    demand_loads: int
+    prefetches: int
+    note: str = ""
+
+    @property
+    def ttft(self) -> float | None:
+        return self.timed.ttft
+
+    @property
+    def tpot(self) -> float | None:
+        return self.timed.tpot
+
+    @property
+    def total_stall(self) -> float:
+        return self.timed.total_stall
+
+
+def sequence_runs(pass_sequence: np.ndarray) -> list[tuple[int, int, int]]:
+    """Return (sequence id, first pass, end pass) of each run of equal sequence ids, in trace order."""
+    pass_sequence = np.asarray(pass_sequence)
+    starts = np.flatnonzero(np.r_[True, pass_sequence[1:] != pass_sequence[:-1]])
+    ends = np.r_[starts[1:], len(pass_sequence)]
+    return [(int(pass_sequence[first]), int(first), int(end)) for first, end in zip(starts, ends)]
+
+
+def sequence_ttft(pass_time: np.ndarray, pass_kind: np.ndarray, pass_sequence: np.ndarray) -> dict[int, float]:
+    """Time to first token of each sequence: its leading prefill passes plus its first decode pass.
+
+    A sequence that does not start with a prefill pass, or has no decode pass after it, has no TTFT
+    and is left out. Prefill passes after the first decode pass (a later turn) are not counted.
+    """
+    result: dict[int, float] = {}
+    for sequence, first, end in sequence_runs(pass_sequence):
+        kinds = np.asarray(pass_kind[first:end])
+        decode = np.flatnonzero(kinds == PASS_DECODE)
+        if kinds[0] != PASS_PREFILL or len(decode) == 0:
+            continue
+        first_decode = first + int(decode[0])
+        result[sequence] = float(pass_time[first:first_decode + 1].sum())
+    return result
+
+
+def summarize(timeline: Timeline, pass_kind: np.ndarray, pass_sequence: np.ndarray) -> tuple[LatencySummary, dict[int, float]]:
+    """Latency figures of `timeline`, and the TTFT of each sequence that has one."""
+    per_sequence = sequence_ttft(timeline.pass_time, pass_kind, pass_sequence)
+    decode = np.asarray(pass_kind) == PASS_DECODE
+    summary = LatencySummary(
+        total_time=timeline.total_time,
+        total_stall=timeline.total_stall,
+        ttft=float(np.mean(list(per_sequence.values()))) if per_sequence else None,
+        tpot=float(timeline.pass_time[decode].mean()) if decode.any() else None,
+    )
+    return summary, per_sequence
+
+
+def sequence_context(pass_offsets: np.ndarray, pass_sequence: np.ndarray) -> np.ndarray:
+    """Count, for each pass, the tokens of its sequence in earlier passes (its attention context), int64 [T]."""
+    tokens = np.diff(np.asarray(pass_offsets, np.int64))
+    before = np.cumsum(tokens) - tokens
+    context = np.empty_like(before)
+    for _, first, end in sequence_runs(pass_sequence):
+        context[first:end] = before[first:end] - before[first]
+    return context
+
+
+def _miss_counts(trace: Trace, events: Any, request_counts: np.ndarray) -> np.ndarray:
+    """Count the misses of each step, int64 [T, L], from the per-slot outcomes, after checking them against the trace."""
+    outcomes = np.asarray(getattr(events, "outcomes", events))
+    expected = (trace.num_passes, trace.num_layers)
+    if outcomes.ndim != 3 or outcomes.shape[:2] != expected:
+        raise ValueError(
+            f"events: expected outcomes of shape ({expected[0]}, {expected[1]}, R) for this trace, got {outcomes.shape}; "
+            "pass the events that run_sweep(..., record_events=True) returned for the same trace"
+        )
+    requested = (outcomes != OUTCOME_NONE).sum(axis=-1)
+    if not np.array_equal(requested, request_counts):
+        p, l = np.argwhere(requested != request_counts)[0]
+        raise ValueError(
+            f"events: step (pass {p}, layer {l}) has {requested[p, l]} requests but the trace requests "
+            f"{request_counts[p, l]} experts there; the events were recorded on another trace"
+        )
+    return np.isin(outcomes, MISS_OUTCOMES).sum(axis=-1).astype(np.int64)
+
+
+def check_model_matches(trace: Trace, model: ModelShape) -> None:
+    """Raise `ValueError` unless `model` has the trace's MoE layer count, experts per layer and top-k."""
+    meta = trace.metadata
+    pairs = (
+        ("MoE layers", meta.num_layers, model.num_moe_layers),
+        ("experts per layer", meta.num_experts, model.num_experts),
+        ("top-k", meta.top_k, model.top_k),
+    )
+    for quantity, in_trace, in_model in pairs:
+        if in_trace != in_model:
+            raise ValueError(
+                f"trace '{meta.model}' has {in_trace} {quantity} but model shape '{model.name}' has {in_model}; "
+                "choose the model preset of the traced model, or a ModelShape with the same counts"
+            )
+
+
+def estimate_timing(
+    trace: Trace,
+    events: Any,
+    hardware: Hardware,
+    model: ModelShape,
+    *,
+    prefetches: PrefetchPlan | None = None,
+    record_transfers: bool = False,
+) -> TimingResult:
+    """Estimate TTFT, TPOT and stall time of one simulated cache configuration on `trace`.
+
+    Args:
+      trace: the trace the events were simulated on.
+      events: that configuration's `StepEvents` from `run_sweep(..., record_events=True)`, or its
+        `outcomes` array int8 [T, L, R]; compulsory, capacity and collision outcomes are misses.
+      hardware, model: presets from `specmd_jax.timing.hardware` and `specmd_jax.timing.models`.
+      prefetches: transfers issued at the start of each step (see `PrefetchPlan`); None issues none.
+      record_transfers: keep the log of every transfer in `result.timeline.transfers`.
+    """
+    check_model_matches(trace, model)
+    request_counts = build_requests(trace).counts.astype(np.int64)
+    misses = _miss_counts(trace, events, request_counts)
+
+    tokens = np.diff(trace.pass_offsets).astype(np.float64)
+    context = sequence_context(trace.pass_offsets, trace.pass_sequence).astype(np.float64)
+    compute = moe_layer_times(model, hardware, tokens, context, request_counts)
+    prologue = dense_layers_time(model, hardware, tokens, context)
+    epilogue = lm_head_time(model, hardware, trace.num_passes)
+    transfer_time = hardware.transfer_time(model.expert_bytes)
+
+    def run(demand: np.ndarray, plan: PrefetchPlan | None, record: bool) -> Timeline:
+        return simulate_timeline(
+            compute, demand, transfer_time, prefetches=plan, prologue=prologue, epilogue=epilogue, record_transfers=record
+        )
+
+    timeline = run(misses, prefetches, record_transfers)
+    resident = run(np.zeros_like(misses), None, False)
+    no_cache = run(request_counts, None, False)
+
+    kinds, sequences = trace.pass_kind, trace.pass_sequence
+    timed, per_sequence = summarize(timeline, kinds, sequences)
+    note = ""
+    if not (kinds == PASS_PREFILL).any():
+        note = NOTE_NO_PREFILL
+    elif timed.ttft is None:
+        note = "no sequence has a prefill pass followed by a decode pass, so TTFT is None"
+    num_prefetches = 0
+    if prefetches is not None:
+        lists = prefetches.values() if isinstance(prefetches, Mapping) else prefetches
+        num_prefetches = sum(len(consumers) for consumers in lists)
+    return TimingResult(
+        hardware=hardware,
+        model=model,
+        transfer_time=transfer_time,
+        compute=compute,
+        timeline=timeline,
+        timed=timed,
+        all_resident=summarize(resident, kinds, sequences)[0],
+        no_cache=summarize(no_cache, kinds, sequences)[0],
+        ttft_per_sequence=per_sequence,
+        demand_loads=int(misses.sum()),
+        prefetches=num_prefetches,
+        note=note,
+    )

@@ -33,7 +33,7 @@ class QueueState(NamedTuple):
 
 
 class QueueStep(NamedTuple):
-    """What step 1 computed, reused by step 2."""
+    """Intermediate results of step 1, reused by step 2."""
 
     victims: jax.Array  # bool [N]
     eligible_rank: jax.Array  # int32 [N]
@@ -47,7 +47,7 @@ def slot_values(values: jax.Array, info: StepInfo, fill) -> jax.Array:
 
 
 def count_before(slot_ranks: jax.Array, rank: jax.Array) -> jax.Array:
-    """For each item, how many of the R slot ranks are smaller than its rank (R elementwise passes)."""
+    """Count, for each item, the R slot ranks smaller than its rank (R elementwise passes)."""
     total = jnp.zeros_like(rank)
     for slot in range(slot_ranks.shape[0]):
         total = total + (slot_ranks[slot] < rank).astype(jnp.int32)
@@ -55,7 +55,7 @@ def count_before(slot_ranks: jax.Array, rank: jax.Array) -> jax.Array:
 
 
 def first_eligible(rank: jax.Array, info: StepInfo, eligible: jax.Array, num_victims: jax.Array) -> QueueStep:
-    """Step 1: the first `num_victims` eligible items in queue order."""
+    """Select the first `num_victims` eligible items in queue order (step 1)."""
     hit_ranks = jnp.where(info.request_hit, slot_values(rank, info, NOT_QUEUED), NOT_QUEUED)
     eligible_rank = rank - count_before(hit_ranks, rank)
     victims = eligible & (eligible_rank < num_victims)
@@ -70,7 +70,7 @@ def advance(
     mover_slots: jax.Array | None,
     tail_order: jax.Array,
 ) -> jax.Array:
-    """Steps 2 and 3: the ranks after the victims leave and the movers and misses join the tail.
+    """Return the ranks after the victims leave and the movers and misses join the tail (steps 2, 3).
 
     Args:
       mover_slots: bool [R], hit slots whose item moves to the tail, or None when no hit ever moves
@@ -90,5 +90,5 @@ def advance(
 
 
 def order_in_slots(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
-    """Order of the True slots of `mask` [R] (ascending slot = ascending expert id), plus `offset`; -1 else."""
+    """Number the True slots of `mask` [R] from `offset` in ascending slot (= expert id) order; -1 elsewhere."""
     return jnp.where(mask, jnp.cumsum(mask.astype(jnp.int32)) - 1 + offset, -1)

@@ -114,12 +114,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     capacities = [Capacity.parse(text) for text in _parse_list(args.capacities, "--capacities")]
     check_output_path(args.out, "--out")
 
+    hardware = None
+    if args.hardware is not None:
+        from specmd_jax.timing import get_hardware
+
+        hardware = get_hardware(args.hardware)
+    elif args.model is not None:
+        raise ValueError("--model sets the model shape of the timing model; give --hardware too")
+
     trace = load_any(args.trace)
     print(_describe(trace))
     print(f"scope: {args.scope}")
+    model = None
+    if hardware is not None:
+        from specmd_jax.study import model_shape_for
+
+        model = model_shape_for(trace, args.model)
     rows, skipped = run_study(
         trace, policies, capacities, scope=args.scope, grid=grid, seeds=seeds,
-        unroll=args.unroll, progress=not args.quiet,
+        unroll=args.unroll, progress=not args.quiet, hardware=hardware, model=model,
     )
     print(format_table(rows, skipped))
     if args.out:
@@ -154,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     from specmd_jax.policies.registry import policy_names
     from specmd_jax.sim.sweep import SCOPES
 
+    from specmd_jax.timing import HARDWARE_PRESETS, MODEL_PRESETS
     from specmd_jax.traces.synthetic import PRESETS, SPEC_OPTIONS
 
     parser = argparse.ArgumentParser(prog="specmd-jax", description="MoE expert-cache simulation and routing traces.")
@@ -177,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--param", action="append", metavar="POLICY.NAME=V1,V2", help="sweep a policy hyper-parameter (repeatable)")
     simulate.add_argument("--seeds", default="0", help="comma-separated seeds for the random policy")
     simulate.add_argument("--out", help="write the results as CSV to this path")
+    simulate.add_argument(
+        "--hardware", choices=sorted(HARDWARE_PRESETS),
+        help="add TTFT, TPOT and stall time from the timing model for this hardware preset",
+    )
+    simulate.add_argument(
+        "--model", choices=sorted(MODEL_PRESETS),
+        help="model shape for the timing model (default: the preset with the trace's layers, experts and top-k)",
+    )
     simulate.add_argument("--unroll", type=_positive_int, default=1, help="scan unroll factor (speed only)")
     simulate.add_argument("--quiet", action="store_true", help="hide the progress bar")
     simulate.set_defaults(handler=cmd_simulate)

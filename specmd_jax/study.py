@@ -14,6 +14,8 @@ from tqdm import tqdm
 from specmd_jax.report import ReportRow, SkippedCapacity
 from specmd_jax.sim.requests import build_requests
 from specmd_jax.sim.sweep import Capacity, CapacityError, SimConfig, check_capacity, run_sweep
+from specmd_jax.timing import MODEL_PRESETS, Hardware, ModelShape, TimingResult, estimate_timing, get_model_shape
+from specmd_jax.timing.estimate import check_model_matches
 from specmd_jax.traces.trace import Trace
 
 BOUND_POLICY = "belady"
@@ -32,6 +34,26 @@ def build_configs(policies: Sequence[str], slots: Sequence[int], grid: dict[str,
 
 
 
+def model_shape_for(trace: Trace, name: str | None) -> ModelShape:
+    """Return the model preset `name`, or the one preset whose layers, experts and top-k match `trace`."""
+    if name is not None:
+        shape = get_model_shape(name)
+        check_model_matches(trace, shape)
+        return shape
+    meta = trace.metadata
+    matches = [
+        shape for shape in MODEL_PRESETS.values()
+        if (shape.num_moe_layers, shape.num_experts, shape.top_k) == (meta.num_layers, meta.num_experts, meta.top_k)
+    ]
+    if len(matches) != 1:
+        found = ", ".join(shape.name for shape in matches) or "none"
+        raise ValueError(
+            f"cannot choose a model shape for trace '{meta.model}' ({meta.num_layers} MoE layers, {meta.num_experts} "
+            f"experts, top-{meta.top_k}): matching presets: {found}; name one of {', '.join(MODEL_PRESETS)}"
+        )
+    return matches[0]
+
+
 def run_study(
     trace: Trace,
     policies: Sequence[str],
@@ -42,12 +64,18 @@ def run_study(
     seeds: Sequence[int] = (0,),
     unroll: int = 1,
     progress: bool = False,
+    hardware: Hardware | None = None,
+    model: ModelShape | None = None,
 ) -> tuple[list[ReportRow], list[SkippedCapacity]]:
     """Simulate every policy at every feasible capacity; return report rows and skipped capacities.
 
     Capacities may be `Capacity` objects or their text form ("0.05" is a fraction, "96" a slot count).
-    Rows come in the order of `policies`, then by capacity.
+    Rows come in the order of `policies`, then by capacity. With `hardware` (and `model`, by default the
+    preset matching the trace), each row also gets its timing and Belady's timing; this records every
+    configuration's per-step events, which takes T x L x R x 5 bytes per configuration.
     """
+    if hardware is not None and model is None:
+        model = model_shape_for(trace, None)
     parsed = [c if isinstance(c, Capacity) else Capacity.parse(str(c)) for c in capacities]
     unselected = sorted(set(grid or {}) - set(policies))
     if unselected:
@@ -74,13 +102,28 @@ def run_study(
     wanted = list(dict.fromkeys(configs + bound_configs))
     results = {}
     groups = list(dict.fromkeys(config.policy for config in wanted))
+    timings: dict[SimConfig, TimingResult] = {}
     for name in tqdm(groups, desc="policies", unit="policy", disable=not progress or not wanted):
         group = [config for config in wanted if config.policy == name]
-        group_results = run_sweep(requests, group, scope=scope, num_experts=trace.num_experts, unroll=unroll)
+        if hardware is None:
+            group_results = run_sweep(requests, group, scope=scope, num_experts=trace.num_experts, unroll=unroll)
+        else:
+            group_results, events = run_sweep(
+                requests, group, scope=scope, num_experts=trace.num_experts, unroll=unroll, record_events=True
+            )
+            for config in group:
+                timings[config] = estimate_timing(trace, events[config], hardware, model)
         results.update(zip(group, group_results))
 
     total_experts = trace.num_layers * trace.num_experts
     bound = {config.capacity: results[config].hit_rate for config in bound_configs}
-    rows = [ReportRow(trace.name, results[config], total_experts, bound[config.capacity]) for config in configs]
+    bound_timing = {config.capacity: timings.get(config) for config in bound_configs}
+    rows = [
+        ReportRow(
+            trace.name, results[config], total_experts, bound[config.capacity],
+            timing=timings.get(config), belady_timing=bound_timing[config.capacity],
+        )
+        for config in configs
+    ]
     rows.sort(key=lambda row: (list(policies).index(row.result.config.policy), row.result.config.capacity))
     return rows, skipped

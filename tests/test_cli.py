@@ -133,3 +133,33 @@ def test_simulate_per_layer_shows_used_slots(flame_npz, tmp_path, capsys) -> Non
     row = next(csv.DictReader(out.open()))
     assert (row["capacity_experts"], row["capacity_effective"]) == ("51", "48")
     assert "a capacity of 7 slots gives 0 slots per layer in per-layer scope, fewer than the 6" in printed
+
+
+def test_simulate_with_timing(mixtral_jsonl, tmp_path, capsys) -> None:
+    out = tmp_path / "timed.csv"
+    code = main(["simulate", "--trace", str(mixtral_jsonl), "--policies", "lru", "--capacities", "0.25,1.0",
+                 "--hardware", "pcie4-a100", "--out", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "timing note: the trace has no prefill pass" in printed
+    rows = list(csv.DictReader(out.open()))
+    assert [row["model_shape"] for row in rows] == ["mixtral-8x7b", "mixtral-8x7b"]
+    quarter, full = (float(row["tpot_s"]) for row in rows)
+    resident = float(rows[0]["all_resident_tpot_s"])
+    no_cache = float(rows[0]["no_cache_tpot_s"])
+    # More slots, fewer transfers: all-resident <= full cache <= quarter cache <= no cache.
+    assert resident <= full <= quarter <= no_cache
+    assert float(rows[0]["belady_tpot_s"]) <= quarter
+    assert rows[0]["ttft_s"] == ""
+
+
+def test_simulate_model_without_hardware_fails(capsys) -> None:
+    code = main(["simulate", "--trace", "synthetic:mixtral-8x7b?passes=5", "--model", "mixtral-8x7b", "--quiet"])
+    assert code == 2
+    assert "give --hardware too" in capsys.readouterr().err
+
+
+def test_simulate_timing_model_mismatch_fails(mixtral_jsonl, capsys) -> None:
+    code = main(["simulate", "--trace", str(mixtral_jsonl), "--hardware", "tpu-v5e", "--model", "olmoe-1b-7b", "--quiet"])
+    assert code == 2
+    assert "has 32 MoE layers but model shape 'olmoe-1b-7b' has 16" in capsys.readouterr().err

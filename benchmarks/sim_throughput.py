@@ -113,7 +113,6 @@ def main() -> int:
     if args.devices > 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}").strip()
     import jax
-    import numpy as np
 
     from specmd_jax.sim import SimConfig, build_requests, run_sweep
     from specmd_jax.traces.synthetic import load_synthetic

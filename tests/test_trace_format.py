@@ -6,7 +6,6 @@ import dataclasses
 import json
 import re
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -227,26 +226,26 @@ def test_load_truncated_npz(tmp_path: Path) -> None:
     save_trace(mixed_trace(), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(TraceError, match=re.escape(f"{path}: not a readable .npz trace file")):
+    with pytest.raises(TraceError, match=re.escape(f"{path}: truncated or corrupt .npz archive")):
         load_trace(path)
 
 
 def test_load_text_file(tmp_path: Path) -> None:
     path = tmp_path / "trace.npz"
     path.write_text('{"model": "tiny"}\n')
-    with pytest.raises(TraceError, match=re.escape(f"{path}: not a readable .npz trace file")):
+    with pytest.raises(TraceError, match=re.escape(f"{path}: not an .npz archive (the file does not start with a zip header")):
         load_trace(path)
 
 
 def test_load_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "trace.npz"
     path.write_bytes(b"")
-    with pytest.raises(TraceError, match=re.escape(f"{path}: not a readable .npz trace file")):
+    with pytest.raises(TraceError, match=re.escape(f"{path}: empty file, expected a specmd-jax trace .npz archive")):
         load_trace(path)
 
 
 def test_load_directory(tmp_path: Path) -> None:
-    with pytest.raises(TraceError, match=re.escape(f"{tmp_path}: not a readable .npz trace file")):
+    with pytest.raises(TraceError, match=re.escape(f"{tmp_path}: is a directory, expected a specmd-jax trace .npz file")):
         load_trace(tmp_path)
 
 
@@ -259,7 +258,7 @@ def test_load_file_not_found(tmp_path: Path) -> None:
 def test_load_single_npy(tmp_path: Path) -> None:
     path = tmp_path / "trace.npy"
     np.save(path, np.zeros(3))
-    with pytest.raises(TraceError, match=re.escape(f"{path}: not a readable .npz trace file (no zip header)")):
+    with pytest.raises(TraceError, match=re.escape(f"{path}: not an .npz archive (the file does not start with a zip header")):
         load_trace(path)
 
 

@@ -16,12 +16,10 @@ not renormalised over the top-k).
 from __future__ import annotations
 
 import os
-import zipfile
-import zlib
 
 import numpy as np
 
-from specmd_jax.traces.trace import Trace, TraceError, TraceMetadata, make_trace, trace_error
+from specmd_jax.traces.trace import Trace, TraceMetadata, make_trace, read_npz, trace_error
 
 FLAME_MODEL = "flame-moe-290m"
 FLAME_NUM_EXPERTS = 64
@@ -29,7 +27,6 @@ FLAME_NUM_EXPERTS = 64
 
 FLAME_KEYS = ("layers", "token_ids", "expert_ids", "probs", "stream_offset")
 
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def load_flame_npz(
@@ -76,40 +73,16 @@ def load_flame_npz(
 
 
 def _read_arrays(path: str | os.PathLike, origin: str) -> dict[str, np.ndarray]:
-    """Read every member of the archive, after checking that it is a complete zip file."""
-    if not os.path.exists(path):
-        raise TraceError(f"{origin}: file not found")
-    if os.path.isdir(path):
-        raise TraceError(f"{origin}: is a directory, expected a FLAME-MoE .npz file")
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-        is_zip = zipfile.is_zipfile(path)
-    except OSError as error:
-        raise TraceError(f"{origin}: cannot read the file ({error})") from None
-    if not head:
-        raise TraceError(f"{origin}: empty file, expected a FLAME-MoE .npz archive")
-    if not is_zip:
-        # np.load would report a text file as "pickled data", so a clearer message is raised here.
-        if head in _ZIP_MAGIC:
-            raise TraceError(f"{origin}: truncated or corrupt .npz archive (its zip directory is missing)")
-        raise TraceError(f"{origin}: not an .npz archive (the file does not start with a zip header, got {head!r})")
-
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            names = sorted(archive.files)
-            absent = [key for key in FLAME_KEYS if key not in names]
-            if absent:
-                raise trace_error(origin, absent[0], None, f"the keys {list(FLAME_KEYS)}", f"no such key (the archive has {names})")
-            unknown = [key for key in names if key not in FLAME_KEYS]
-            if unknown:
-                raise trace_error(origin, unknown[0], None, f"only the keys {list(FLAME_KEYS)}", f"unknown keys {unknown}")
-            return {key: archive[key] for key in FLAME_KEYS}
-    except TraceError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        # ValueError also covers members that hold pickled objects instead of plain arrays.
-        raise TraceError(f"{origin}: truncated or corrupt .npz member ({error})") from None
+    """Read the archive and check that it has exactly the FLAME-MoE keys."""
+    arrays = read_npz(path, "FLAME-MoE")
+    names = sorted(arrays)
+    absent = [key for key in FLAME_KEYS if key not in names]
+    if absent:
+        raise trace_error(origin, absent[0], None, f"the keys {list(FLAME_KEYS)}", f"no such key (the archive has {names})")
+    unknown = [key for key in names if key not in FLAME_KEYS]
+    if unknown:
+        raise trace_error(origin, unknown[0], None, f"only the keys {list(FLAME_KEYS)}", f"unknown keys {unknown}")
+    return {key: arrays[key] for key in FLAME_KEYS}
 
 
 def _check_kind(origin: str, field: str, array: np.ndarray, ndim: int, kinds: str, kind_text: str) -> None:

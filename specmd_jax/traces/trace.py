@@ -402,52 +402,62 @@ def is_canonical_npz(path: str | os.PathLike) -> bool:
         return False
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def read_npz(path: str | os.PathLike, kind: str, hint: str = "") -> dict[str, np.ndarray]:
+    """Read every member of an `.npz` archive; raise `TraceError` naming the file for unreadable input.
+
+    `kind` names the expected format in messages ("FLAME-MoE", "specmd-jax trace"); `hint` is appended to
+    the message for a file that is not an archive at all. Members holding pickled objects are rejected.
+    """
+    origin = str(path)
+    if not os.path.exists(path):
+        raise TraceError(f"{origin}: file not found")
+    if os.path.isdir(path):
+        raise TraceError(f"{origin}: is a directory, expected a {kind} .npz file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as error:
+        raise TraceError(f"{origin}: cannot read the file ({error})") from None
+    if not head:
+        raise TraceError(f"{origin}: empty file, expected a {kind} .npz archive")
+    if not is_zip:
+        # np.load would report a text file as "pickled data", so a clearer message is raised here.
+        if head in _ZIP_MAGIC:
+            raise TraceError(f"{origin}: truncated or corrupt .npz archive (its zip directory is missing)")
+        raise TraceError(f"{origin}: not an .npz archive (the file does not start with a zip header, got {head!r}){hint}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        # ValueError also covers members that hold pickled objects instead of plain arrays.
+        raise TraceError(f"{origin}: truncated or corrupt .npz member ({error})") from None
+
+
 def load_trace(path: str | os.PathLike) -> Trace:
     """Read a trace written by `save_trace`; raise `TraceError` on an unknown version or bad data."""
     origin = str(path)
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-    except FileNotFoundError:
-        raise TraceError(f"{origin}: file not found") from None
-    except OSError as error:
-        raise TraceError(f"{origin}: not a readable .npz trace file ({error})") from None
-    if magic != b"PK\x03\x04":
-        raise TraceError(
-            f"{origin}: not a readable .npz trace file (no zip header); "
-            "convert other formats with `specmd-jax traces convert`"
+    archive = read_npz(path, "specmd-jax trace", "; convert other formats with `specmd-jax traces convert`")
+    keys = set(archive)
+    if "format_version" not in keys:
+        raise trace_error(origin, "format_version", None, f"version {FORMAT_VERSION}", "no such key (not a specmd-jax trace file)")
+    stored_version = archive["format_version"]
+    if stored_version.dtype.kind not in "iu" or stored_version.ndim != 0:
+        raise trace_error(origin, "format_version", None, f"an integer scalar ({FORMAT_VERSION})", f"{stored_version.dtype} array of shape {stored_version.shape}")
+    version = int(stored_version)
+    if version != FORMAT_VERSION:
+        raise trace_error(
+            origin, "format_version", None, f"version {FORMAT_VERSION}",
+            f"version {version} (written by another specmd-jax release; convert it with that release)",
         )
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise TraceError(f"{origin}: file not found") from None
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
-        raise TraceError(f"{origin}: not a readable .npz trace file ({error})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise TraceError(f"{origin}: expected an .npz archive, got a single .npy array")
-    with archive:
-        try:
-            keys = set(archive.files)
-            if "format_version" not in keys:
-                raise trace_error(origin, "format_version", None, f"version {FORMAT_VERSION}", "no such key (not a specmd-jax trace file)")
-            stored_version = archive["format_version"]
-            if stored_version.dtype.kind not in "iu" or stored_version.ndim != 0:
-                raise trace_error(origin, "format_version", None, f"an integer scalar ({FORMAT_VERSION})", f"{stored_version.dtype} array of shape {stored_version.shape}")
-            version = int(stored_version)
-            if version != FORMAT_VERSION:
-                raise trace_error(
-                    origin, "format_version", None, f"version {FORMAT_VERSION}",
-                    f"version {version} (written by another specmd-jax release; convert it with that release)",
-                )
-            absent = [name for name in (*_ARRAY_FIELDS, "metadata") if name not in keys]
-            if absent:
-                raise trace_error(origin, absent[0], None, "a stored array", "no such key")
-            metadata = TraceMetadata.from_json(str(archive["metadata"]), origin)
-            fields = {name: archive[name] for name in _ARRAY_FIELDS}
-            for name in _OPTIONAL_FIELDS:
-                fields[name] = archive[name] if name in keys else None
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as error:
-            if isinstance(error, TraceError):
-                raise
-            raise TraceError(f"{origin}: truncated or corrupt .npz member ({error})") from None
+    absent = [name for name in (*_ARRAY_FIELDS, "metadata") if name not in keys]
+    if absent:
+        raise trace_error(origin, absent[0], None, "a stored array", "no such key")
+    metadata = TraceMetadata.from_json(str(archive["metadata"]), origin)
+    fields = {name: archive[name] for name in _ARRAY_FIELDS}
+    for name in _OPTIONAL_FIELDS:
+        fields[name] = archive.get(name)
     return Trace(metadata=metadata, **fields).validate(origin)

@@ -135,6 +135,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         unroll=args.unroll, progress=not args.quiet, hardware=hardware, model=model,
     )
     print(format_table(rows, skipped))
+    if not rows:
+        raise ValueError("no configuration could be simulated: every capacity was skipped (see the reasons above)")
     if args.out:
         write_csv(rows, args.out)
         print(f"wrote {len(rows)} rows to {args.out}")
@@ -197,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--model", choices=sorted(MODEL_PRESETS),
-        help="model shape for the timing model (default: the preset with the trace's layers, experts and top-k)",
+        help="model shape for the timing model; it must have the trace's layers, experts and top-k "
+        "(by default the one preset that does)",
     )
     simulate.add_argument("--unroll", type=_positive_int, default=1, help="scan unroll factor (speed only)")
     simulate.add_argument("--quiet", action="store_true", help="hide the progress bar")

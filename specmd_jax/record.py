@@ -56,7 +56,10 @@ class FileTokenizer:
             from tokenizers import Tokenizer as HfTokenizer
         except ImportError:
             raise ImportError("reading tokenizer.json needs the 'tokenizers' package: pip install tokenizers") from None
-        self._tokenizer = HfTokenizer.from_file(str(path))
+        try:
+            self._tokenizer = HfTokenizer.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises a bare Exception for malformed files
+            raise ValueError(f"{path}: not a readable tokenizer file ({error})") from None
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text).ids, dtype=np.int32)
@@ -141,6 +144,31 @@ def record_trace(
     return RecordedTrace(trace, np.stack(generated).astype(np.int32))
 
 
+def estimate_parameter_bytes(config) -> int:
+    """Estimate the bytes of a model's parameters from its shapes (attention, experts, embeddings)."""
+    itemsize = 2 if config.dtype == "bfloat16" else 4
+    attention = config.hidden_size * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
+    experts = config.num_experts * 3 * config.hidden_size * config.expert_hidden_size
+    shared = 3 * config.hidden_size * config.shared_expert_hidden_size
+    per_layer = attention + experts + shared + config.num_experts * config.hidden_size
+    embeddings = 2 * config.vocab_size * config.hidden_size
+    return int((config.num_layers * per_layer + embeddings) * itemsize)
+
+
+def check_fits_in_memory(config) -> None:
+    """Raise `ValueError` when a randomly initialised preset would not fit in half of the physical memory."""
+    needed = estimate_parameter_bytes(config)
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > available // 2:
+        raise ValueError(
+            f"preset '{config.name}' needs about {needed / 2**30:.1f} GiB of parameters in {config.dtype}, more than half "
+            f"of this machine's {available / 2**30:.1f} GiB; use a small preset such as tiny-moe for smoke tests"
+        )
+
+
 def load_model(checkpoint: str | None, preset: str | None, dtype: str, seed: int = 0) -> tuple[MoeTransformer, Tokenizer, str]:
     """Load the model to record from, its tokenizer and a name for the trace metadata.
 
@@ -157,6 +185,7 @@ def load_model(checkpoint: str | None, preset: str | None, dtype: str, seed: int
         raise ValueError("give exactly one of a checkpoint directory and a model preset")
     if preset is not None:
         config = get_preset(preset).replace(dtype=dtype)
+        check_fits_in_memory(config)
         logger.warning("model '%s' has random weights: its routing is not that of a trained model", preset)
         return MoeTransformer(config, rngs=nnx.Rngs(seed)), ByteTokenizer(), f"{preset} (random init, seed {seed})"
     directory = Path(checkpoint)
@@ -191,11 +220,30 @@ def add_record_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def cmd_record(args: argparse.Namespace) -> int:
     """Run `specmd-jax record`."""
+    from specmd_jax.cli import check_output_path
+
     text_path = Path(args.text)
     if not text_path.is_file():
-        raise FileNotFoundError(f"{text_path}: text file not found")
+        raise FileNotFoundError(f"{text_path}: text file not found" + (" (it is a directory)" if text_path.is_dir() else ""))
+    for flag, value, low in (("--prompt-tokens", args.prompt_tokens, 1), ("--sequences", args.sequences, 1), ("--gen-tokens", args.gen_tokens, 0)):
+        if value < low:
+            raise ValueError(f"invalid {flag} {value}: expected an integer >= {low}")
+    if Path(args.out).is_dir():
+        check_output_path(args.out, "--out")
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{text_path}: not valid UTF-8 at byte {error.start} ({error.object[error.start:error.start + 1].hex()}); "
+            "convert the text to UTF-8"
+        ) from None
     model, tokenizer, model_name = load_model(args.checkpoint, args.model, args.dtype, args.seed)
-    tokens = tokenizer.encode(text_path.read_text(encoding="utf-8"))
+    tokens = tokenizer.encode(text)
+    if tokens.size and int(tokens.max()) >= model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer produces token id {int(tokens.max())}, but the model's vocab_size is "
+            f"{model.config.vocab_size}; use the checkpoint's own tokenizer.json"
+        )
     prompts = split_prompts(tokens, args.prompt_tokens, args.sequences)
     needed = args.prompt_tokens + args.gen_tokens
     if needed > model.config.max_seq_len:

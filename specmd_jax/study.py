@@ -46,10 +46,15 @@ def model_shape_for(trace: Trace, name: str | None) -> ModelShape:
         if (shape.num_moe_layers, shape.num_experts, shape.top_k) == (meta.num_layers, meta.num_experts, meta.top_k)
     ]
     if len(matches) != 1:
-        found = ", ".join(shape.name for shape in matches) or "none"
+        if matches:
+            hint = f"several presets match ({', '.join(shape.name for shape in matches)}); name one with --model"
+        else:
+            hint = (
+                "no model-shape preset has these counts, so the timing model cannot be applied; presets: "
+                + ", ".join(f"{shape.name} ({shape.num_moe_layers}x{shape.num_experts}, top-{shape.top_k})" for shape in MODEL_PRESETS.values())
+            )
         raise ValueError(
-            f"cannot choose a model shape for trace '{meta.model}' ({meta.num_layers} MoE layers, {meta.num_experts} "
-            f"experts, top-{meta.top_k}): matching presets: {found}; name one of {', '.join(MODEL_PRESETS)}"
+            f"trace '{meta.model}' has {meta.num_layers} MoE layers, {meta.num_experts} experts, top-{meta.top_k}: {hint}"
         )
     return matches[0]
 

@@ -165,3 +165,41 @@ def test_cli_record_hf_checkpoint(tmp_path):
     assert trace.num_passes == 2 * 3
     assert trace.metadata.num_experts == 4
     assert trace.metadata.layer_ids == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "mixtral-8x7b"], "preset 'mixtral-8x7b' needs about"),
+        (["--model", "tiny-moe", "--prompt-tokens", "0"], "invalid --prompt-tokens 0: expected an integer >= 1"),
+        (["--model", "tiny-moe", "--gen-tokens", "-1"], "invalid --gen-tokens -1: expected an integer >= 0"),
+    ],
+)
+def test_cli_rejects_bad_record_input(tmp_path, extra, message, capsys):
+    from specmd_jax.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("An expert cache. " * 20, encoding="utf-8")
+    code = main(["record", "--text", str(text), "--out", str(tmp_path / "o.npz"), "--quiet", *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_rejects_non_utf8_text(tmp_path, capsys):
+    from specmd_jax.cli import main
+
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(b"caf\xe9 " * 40)
+    code = main(["record", "--model", "tiny-moe", "--text", str(text), "--out", str(tmp_path / "o.npz"), "--quiet"])
+    assert code == 2
+    assert f"{text}: not valid UTF-8 at byte 3 (e9)" in capsys.readouterr().err
+
+
+def test_cli_rejects_out_directory_before_running(tmp_path, capsys):
+    from specmd_jax.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("An expert cache. " * 20, encoding="utf-8")
+    code = main(["record", "--model", "tiny-moe", "--text", str(text), "--out", str(tmp_path), "--quiet"])
+    assert code == 2
+    assert "it is a directory" in capsys.readouterr().err

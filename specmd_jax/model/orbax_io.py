@@ -60,7 +60,13 @@ def read_run_config(directory: str | os.PathLike) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found; expected a run directory written by save_step")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a readable model configuration ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return ModelConfig.from_dict(data)
 
 
 def restore_step(
@@ -87,7 +93,13 @@ def restore_step(
     }
     if opt_state_template is not None:
         items["opt_state"] = ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_state_template))
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # Orbax raises many types (KeyError, ValueError, OSError, tensorstore errors)
+        raise ValueError(
+            f"{directory}: cannot restore step {step} ({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
+            f"the step is incomplete or corrupt, or was saved with another architecture than {CONFIG_FILE} describes"
+        ) from None
     model = nnx.merge(graphdef, restored["params"], rest)
     opt_state = restored["opt_state"] if opt_state_template is not None else None
     logger.info("restored step %d from %s", step, directory)

@@ -88,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", nargs="+", required=True, help="UTF-8 training text files")
     parser.add_argument("--run-dir", required=True, help="Orbax run directory: checkpoints are saved here and resumed from")
-    parser.add_argument("--steps", type=int, default=400, help="train until this step (default 400)")
+    parser.add_argument(
+        "--steps", type=int, default=400,
+        help="train until this step (default 400); the cosine schedule spans it, so resuming with a larger value "
+        "changes the learning rate of the remaining steps",
+    )
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence (default 128)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt tokens per recorded sequence (default 256)")
     parser.add_argument("--gen-tokens", type=int, default=64, help="decode passes per recorded sequence (default 64)")
     parser.add_argument("--sequences", type=int, default=4, help="recorded sequences (default 4)")
-    parser.add_argument("--quiet", action="store_true", help="hide progress bars")
+    parser.add_argument("--quiet", action="store_true", help="hide progress bars and Orbax's INFO logs")
     return parser
 
 
@@ -124,6 +128,10 @@ def model_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if args.quiet:
+        # Orbax logs several INFO lines per checkpoint save through absl; keep only its warnings.
+        for name in ("absl", "orbax", "jax"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     train_tokens, held_out = load_corpus(args.text)
     config = model_config(args)
     logger.info("corpus: %d training and %d held-out bytes; model %s", len(train_tokens), len(held_out), config)

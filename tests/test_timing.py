@@ -417,3 +417,22 @@ def test_olmoe_synthetic_end_to_end():
     assert result.all_resident.total_time < result.timed.total_time < result.no_cache.total_time
     assert result.ttft is not None
     assert result.tpot is not None
+
+
+def test_prefill_only_trace_notes_missing_tpot():
+    from specmd_jax.sim import SimConfig, run_sweep
+    from specmd_jax.timing import estimate_timing, get_hardware, get_model_shape
+    from specmd_jax.traces import PASS_PREFILL, TraceMetadata, make_trace
+
+    # One prefill pass of 2 tokens in FLAME-MoE's shape (8 MoE layers, 64 experts, top-6).
+    ids = np.stack([np.tile(np.arange(6), (8, 1)), np.tile(np.arange(6, 12), (8, 1))])
+    trace = make_trace(
+        ids, TraceMetadata("flame-shaped", 8, 64, 6, "test"),
+        pass_offsets=np.array([0, 2]), pass_kind=np.array([PASS_PREFILL]),
+    )
+    _, events = run_sweep(trace, [SimConfig("lru", 512)], scope="global", record_events=True)
+    result = estimate_timing(trace, events[SimConfig("lru", 512)], get_hardware("pcie4-a100"), get_model_shape("flame-moe-290m"))
+    assert result.ttft is None
+    assert result.tpot is None
+    assert "no decode pass" in result.note
+    assert result.timed.total_time > result.all_resident.total_time

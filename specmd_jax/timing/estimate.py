@@ -210,6 +210,8 @@ def estimate_timing(
         note = NOTE_NO_PREFILL
     elif timed.ttft is None:
         note = "no sequence has a prefill pass followed by a decode pass, so TTFT is None"
+    if not (kinds == PASS_DECODE).any():
+        note = "the trace has no decode pass, so TTFT and TPOT are None; see total_time and the stall time"
     num_prefetches = 0
     if prefetches is not None:
         lists = prefetches.values() if isinstance(prefetches, Mapping) else prefetches

@@ -1,6 +1,6 @@
 """The main job as a function: a policy x capacity sweep with the Belady bound at every capacity.
 
-The CLI (`specmd-jax simulate`) and the notebooks call `run_study`; it turns user-level capacities into
+The CLI (`specmd-jax simulate`) and the notebooks call `run_study`. It turns user-level capacities into
 slot counts, skips infeasible ones with the reason, and pairs each result with Belady's hit rate.
 """
 
@@ -22,7 +22,7 @@ BOUND_POLICY = "belady"
 
 
 def build_configs(policies: Sequence[str], slots: Sequence[int], grid: dict[str, dict[str, list]], seeds: Sequence[int]) -> list[SimConfig]:
-    """Every (policy, hyper-parameter combination, seed, capacity); seeds only multiply `random`."""
+    """List every (policy, hyper-parameter combination, seed, capacity); seeds only multiply `random`."""
     configs = []
     for policy in policies:
         names = sorted(grid.get(policy, {}))
@@ -76,7 +76,7 @@ def run_study(
 
     Capacities may be `Capacity` objects or their text form ("0.05" is a fraction, "96" a slot count).
     Rows come in the order of `policies`, then by capacity. With `hardware` (and `model`, by default the
-    preset matching the trace), each row also gets its timing and Belady's timing; this records every
+    preset matching the trace), each row also gets its timing and Belady's timing. That records every
     configuration's per-step events, which takes T x L x R x 5 bytes per configuration.
     """
     if hardware is not None and model is None:
@@ -104,12 +104,12 @@ def run_study(
 
     configs = build_configs(policies, slots, grid or {}, seeds)
     bound_configs = [SimConfig(BOUND_POLICY, count) for count in slots]
-    wanted = list(dict.fromkeys(configs + bound_configs))
+    requested_configs = list(dict.fromkeys(configs + bound_configs))
     results = {}
-    groups = list(dict.fromkeys(config.policy for config in wanted))
+    groups = list(dict.fromkeys(config.policy for config in requested_configs))
     timings: dict[SimConfig, TimingResult] = {}
-    for name in tqdm(groups, desc="policies", unit="policy", disable=not progress or not wanted):
-        group = [config for config in wanted if config.policy == name]
+    for name in tqdm(groups, desc="policies", unit="policy", disable=not progress or not requested_configs):
+        group = [config for config in requested_configs if config.policy == name]
         if hardware is None:
             group_results = run_sweep(requests, group, scope=scope, num_experts=trace.num_experts, unroll=unroll)
         else:

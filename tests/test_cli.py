@@ -42,7 +42,8 @@ def test_simulate_mixtral_reports_missing_cells(mixtral_jsonl, capsys) -> None:
     printed = capsys.readouterr().out
     assert code == 0
     assert "missing cells 37" in printed
-    assert "lru" in printed and "belady_bound" in printed
+    assert "lru" in printed
+    assert "belady_bound" in printed
 
 
 def test_simulate_synthetic_says_synthetic(capsys) -> None:

@@ -6,7 +6,7 @@ same stream as an oracleGeneral binary trace, which carries each request's next 
 Every object has size 1 and the cache size is the slot count, so libcachesim's byte capacity equals ours.
 
 libcachesim can abort the whole process on some inputs, so each simulation runs in a subprocess with a
-timeout. The subprocess writes its answer to a JSON file, because the library logs to stdout.
+timeout. The subprocess writes its result to a JSON file, because the library logs to stdout.
 
 LFU: our rule evicts the smallest (requests since insertion, step of last use, flat id). The comments in
 libCacheSim's LFU.c (github.com/1a1a11a/libCacheSim) say that it forgets a frequency on eviction and
@@ -167,16 +167,16 @@ def check_hits_match(policy: str, trace: Trace, tmp_path) -> None:
     hits = our_hits(trace, policy)
 
     for capacity in CAPACITIES:
-        answer = run_libcachesim(policy, capacity, trace_path, tmp_path / f"answer-{capacity}.json")
-        records = np.asarray(answer["records"], dtype=np.int64)
+        result = run_libcachesim(policy, capacity, trace_path, tmp_path / f"result-{capacity}.json")
+        records = np.asarray(result["records"], dtype=np.int64)
         # The reader must decode exactly what was written, or Belady would see wrong next accesses.
         assert len(records) == len(stream), f"cache size {capacity}: libcachesim read {len(records)} of {len(stream)} requests"
         assert records[:, 0].tolist() == list(range(1, len(stream) + 1)), "clock times read back"
         assert records[:, 1].tolist() == stream, "object ids read back"
         assert set(records[:, 2].tolist()) == {1}, "object sizes read back"
-        assert [row[3] for row in answer["records"]] == expected_next, "next access times read back"
+        assert [row[3] for row in result["records"]] == expected_next, "next access times read back"
 
-        theirs = np.asarray(answer["hits"], dtype=bool)
+        theirs = np.asarray(result["hits"], dtype=bool)
         ours = hits[capacity]
         assert int(ours.sum()) == int(theirs.sum()), f"{policy} cache size {capacity}: hit count"
         if not np.array_equal(ours, theirs):

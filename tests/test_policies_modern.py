@@ -148,7 +148,7 @@ def test_s3fifo_promotes_small_to_main():
     #                                  does not enter G; S [4 5], M [3 0]
     # s11    miss 2, m = 1             2 is not in G, so it goes to S. |S| = 2: 4 -> victim, G [1 4];
     #                                  S [5 2]
-    # s12    miss 6, m = 1             |S| = 2: 5 -> victim, G [1 4 5] -> forgets 1; S [2 6]
+    # s12    miss 6, m = 1             |S| = 2: 5 -> victim, G [1 4 5] -> drops 1; S [2 6]
     # s13    miss 7, m = 1             |S| = 2: 2 -> victim. Had 2 entered G at s10, s11 would have put it
     #                                  in M and s12 would have evicted 3 from M.
     trace = make_pass_trace(one_expert_passes([0, 1, 2, 3, 0, 4, 2, 3, 0, 0, 5, 2, 6, 7]), num_experts=8)
@@ -181,8 +181,8 @@ def test_s3fifo_main_reinsertion_lowers_frequency():
 def test_s3fifo_ghost_hit_enters_main():
     # capacity 4, small_fraction 0.5: |S| >= 2 takes from S; ghost size 4 - round(2.0) = 2
     # s0-s3  misses 0-3                S [0 1 2 3]
-    # s4-s6  misses 4, 5, 6            victims 0, 1, 2 from S; G [0 1 2] -> forgets 0 -> G [1 2]
-    # s7     miss 2                    victim 3 first, G [1 2 3] -> forgets 1 -> G [2 3]; then 2 is in G,
+    # s4-s6  misses 4, 5, 6            victims 0, 1, 2 from S; G [0 1 2] -> drops 0 -> G [1 2]
+    # s7     miss 2                    victim 3 first, G [1 2 3] -> drops 1 -> G [2 3]; then 2 is in G,
     #                                  so it goes to M and leaves G: S [4 5 6], M [2], G [3]
     # s8     miss 0                    victim 4, G [3 4]; 0 was forgotten at s6, so it goes to S
     # s9     miss 1                    victim 5, G [3 4 5] -> [4 5]; 1 was forgotten at s7 -> S
@@ -198,7 +198,7 @@ def test_s3fifo_ghost_hit_enters_main():
 def test_s3fifo_ghost_size_limit():
     # capacity 4, small_fraction 0.25: S is taken from while |S| >= 1; ghost size 4 - round(1.0) = 3
     # s0-s3  misses 0-3                S [0 1 2 3]
-    # s4-s7  misses 4-7                victims 0-3; G [0 1 2 3] -> forgets 0 -> G [1 2 3]
+    # s4-s7  misses 4-7                victims 0-3; G [0 1 2 3] -> drops 0 -> G [1 2 3]
     # s8     miss 0                    victim 4, G [2 3 4]; 0 is not in G -> S [5 6 7 0]
     # s9     miss 3                    victim 5, G [3 4 5]; 3 is the oldest entry but still in G ->
     #                                  M [3], G [4 5]; S [6 7 0]
@@ -236,7 +236,7 @@ def test_s3fifo_small_when_main_all_requested():
     # s2 {3}      m = 1: 1 -> M, 4 -> M (f 0 each); |S| = 1, so M: 1 (f 0) -> victim 1; S [0 3], M [4]
     # s3 {1,2,4}  hit 4, misses 1 and 2, m = 3 + 2 - 3 = 2
     #             |S| = 2: 0 -> victim, G [0]; |S| = 1 < 1.5 but M contains only the requested 4, so S:
-    #             3 -> victim, G [0 3] -> forgets 0
+    #             3 -> victim, G [0 3] -> drops 0
     trace = make_pass_trace([[1, 4], [0, 1, 4], [3], [1, 2, 4]], num_experts=5)
     hits, victims = simulate_events(trace, "s3fifo", 3, small_fraction=0.5)
     assert hits == expected_by_step(4, {1: [1, 4], 3: [4]})
@@ -248,8 +248,8 @@ def test_s3fifo_ghost_lookup_after_victims():
     # s0 {0,3,5}  misses                S [0 3 5]
     # s1 {1,2}    m = 1: victim 0, G [0]; S [3 5 1 2]
     # s2 {4}      victim 3, G [0 3]; S [5 1 2 4]
-    # s3 {0,3}    both in G when the step starts. m = 2: victim 5, G [0 3 5] -> forgets 0; victim 1,
-    #             G [3 5 1] -> forgets 3. The misses are inserted after the victims, so neither is in G
+    # s3 {0,3}    both in G when the step starts. m = 2: victim 5, G [0 3 5] -> drops 0; victim 1,
+    #             G [3 5 1] -> drops 3. The misses are inserted after the victims, so neither is in G
     #             any more and both go to S: S [2 4 0 3]
     # s4-s6       misses 6, 7, 8: victims 2, 4, 0 from S. Had 0 and 3 gone to M, S would be [2 4] and
     #             s6 would evict 6.

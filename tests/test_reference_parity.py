@@ -6,7 +6,7 @@ the victims of every step must be equal, and so must the totals.
 The reference can process a step in two orders (see reference_sim.simulate). "victims-first" follows
 steps 3 and 4 of docs/semantics.md literally and must always match. "interleaved" evicts one victim
 before each insertion into a full pool. The contract states that both orders agree for every policy but
-SIEVE and S3-FIFO (see ORDER_SENSITIVE_POLICIES); for those two the interleaved cases are strict
+SIEVE and S3-FIFO (see ORDER_SENSITIVE_POLICIES). For those two the interleaved cases are strict
 expected failures, which checks that the orders really differ.
 
 The simulator compiles once per (policy, scope, request-tensor shape), so all random traces share one

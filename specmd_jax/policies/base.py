@@ -22,7 +22,7 @@ NEVER = INT_MAX
 class StepInfo(NamedTuple):
     """The framework's description of the current step of one cache pool, passed to every policy function.
 
-    All masks are bool [N] over the pool's items, indexed by position in the pool; a smaller position
+    All masks are bool [N] over the pool's items, indexed by position in the pool. A smaller position
     always has a smaller flat id, so "smallest position" and "smallest flat id" agree.
     """
 

@@ -9,7 +9,7 @@ repeats these moves until a victim is found:
     newest end of M with frequency 0 (frequency >= promote_threshold) or is the victim and its id enters G.
   - Otherwise take the oldest item of M not requested in this step. It either moves to the newest end
     of M with its frequency lowered by one (frequency > 0) or is the victim.
-G keeps at most capacity - round(small_fraction x capacity) ids and forgets its oldest first.
+G keeps at most capacity - round(small_fraction x capacity) ids and drops its oldest entry first.
 
 Choices this module makes where the rule leaves room (the reference simulator must make the same ones):
   - The S count includes the S items requested in this step.
@@ -160,7 +160,7 @@ def _choose_victims(state: S3FifoState, params: S3FifoParams, info: StepInfo, el
             counter=state.counter + moves_to_main.astype(jnp.int32),
         )
 
-        # A victim taken from S enters G as its newest entry. G then forgets its oldest entry if it
+        # A victim taken from S enters G as its newest entry. G then drops its oldest entry if it
         # contains more than max_ghosts ids. Entries arrive one at a time, so one removal restores
         # the bound.
         to_ghost = evicted & from_small

@@ -1,7 +1,7 @@
 """LRU for every capacity in one pass, by stack distances (Mattson et al., 1970).
 
 LRU's priority, (step of last use, flat id), does not depend on the capacity, and a step's requests all
-take the highest priorities. So after every step the LRU cache of capacity C holds exactly the C items of
+take the highest priorities. So after every step the LRU cache of capacity C contains exactly the C items of
 highest priority, and an item is a hit at capacity C if and only if fewer than C items were used more
 recently than it: its stack distance d is < C. One scan therefore yields the hit counts of all capacities
 at the cost of one configuration.

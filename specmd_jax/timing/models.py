@@ -166,7 +166,7 @@ PRESETS: dict[str, ModelShape] = {
     # scripts/release/flame-moe-290m.sh sets NUM_LAYERS 9, HIDDEN_SIZE 1024, FFN_HIDDEN_SIZE 5472 (the
     # dense layer), MOE_FFN_HIDDEN_SIZE 704 and MOE_LAYER_FREQ "[0]*1+[1]*8" (first layer dense). Its
     # training script sets 16 attention heads, 64 experts and 2 shared experts of width 704 (a shared
-    # intermediate size of 2 x 704). These give 1.30e9 parameters in all and 0.30e9 active (embeddings included), as the name says.
+    # intermediate size of 2 x 704). These give 1.30e9 parameters in all and 0.30e9 active (embeddings included), matching the name.
     # Top-6 is what the published routing traces record. Expert: 3 x 1024 x 704 x 2 B = 4.3 MB; all: 2.2 GB.
     # NOTE: the vocabulary (GPT-2 BPE, 50277 tokens, padded to 50304) is an estimate.
     "flame-moe-290m": ModelShape(

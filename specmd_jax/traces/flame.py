@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from specmd_jax.traces.trace import Trace, TraceMetadata, make_trace, read_npz, trace_error
+from specmd_jax.traces.trace import Trace, TraceMetadata, check_array, first_index, make_trace, read_npz, trace_error
 
 FLAME_MODEL = "flame-moe-290m"
 FLAME_NUM_EXPERTS = 64
@@ -85,16 +85,9 @@ def _read_arrays(path: str | os.PathLike, origin: str) -> dict[str, np.ndarray]:
     return {key: arrays[key] for key in FLAME_KEYS}
 
 
-def _check_kind(origin: str, field: str, array: np.ndarray, ndim: int, kinds: str, kind_text: str) -> None:
-    if array.ndim != ndim:
-        raise trace_error(origin, field, None, f"{ndim} dimensions", f"shape {array.shape}")
-    if array.dtype.kind not in kinds:
-        raise trace_error(origin, field, None, kind_text, f"dtype {array.dtype}")
-
-
 def _check_layers(layers: np.ndarray, origin: str) -> tuple[int, ...]:
     """Return the layer numbers after checking that they are non-negative and increase (execution order)."""
-    _check_kind(origin, "layers", layers, 1, "iu", "an integer dtype")
+    check_array(origin, "layers", layers, 1, "iu", "an integer dtype")
     if layers.shape[0] == 0:
         raise trace_error(origin, "layers", None, "at least one MoE layer", "shape (0,)")
     negative = np.flatnonzero(layers < 0)
@@ -111,7 +104,7 @@ def _check_layers(layers: np.ndarray, origin: str) -> tuple[int, ...]:
 def _check_shapes(arrays: dict[str, np.ndarray], origin: str, num_layers: int, num_experts: int) -> tuple[int, int]:
     """Check dtypes and that all arrays agree on the layer and token counts, and return (tokens, top_k)."""
     expert_ids = arrays["expert_ids"]
-    _check_kind(origin, "expert_ids", expert_ids, 3, "iu", "an integer dtype")
+    check_array(origin, "expert_ids", expert_ids, 3, "iu", "an integer dtype")
     layers_in_ids, num_tokens, top_k = expert_ids.shape
     if layers_in_ids != num_layers:
         raise trace_error(
@@ -123,13 +116,13 @@ def _check_shapes(arrays: dict[str, np.ndarray], origin: str, num_layers: int, n
         raise trace_error(origin, "expert_ids", None, f"a top-k between 1 and {num_experts} on axis 2", f"shape {expert_ids.shape}")
 
     probs = arrays["probs"]
-    _check_kind(origin, "probs", probs, 3, "f", "a float dtype")
+    check_array(origin, "probs", probs, 3, "f", "a float dtype")
     if probs.shape != expert_ids.shape:
         raise trace_error(origin, "probs", None, f"shape {expert_ids.shape} (the shape of 'expert_ids')", f"shape {probs.shape}")
 
     for field in ("token_ids", "stream_offset"):
         array = arrays[field]
-        _check_kind(origin, field, array, 1, "iu", "an integer dtype")
+        check_array(origin, field, array, 1, "iu", "an integer dtype")
         if array.shape != (num_tokens,):
             raise trace_error(origin, field, None, f"shape ({num_tokens},) (one entry per token of 'expert_ids')", f"shape {array.shape}")
     return num_tokens, top_k
@@ -152,19 +145,15 @@ def _check_token_ids(token_ids: np.ndarray, origin: str) -> None:
         raise trace_error(origin, "token_ids", index, "a token id >= 0", int(token_ids[index]))
 
 
-def _first_index(mask: np.ndarray) -> tuple[int, ...]:
-    return tuple(int(i) for i in np.argwhere(mask)[0])
-
-
 def _check_expert_ids(expert_ids: np.ndarray, origin: str, num_experts: int) -> None:
     out_of_range = (expert_ids < 0) | (expert_ids >= num_experts)
     if out_of_range.any():
-        index = _first_index(out_of_range)
+        index = first_index(out_of_range)
         raise trace_error(origin, "expert_ids", index, f"an expert id in [0, {num_experts})", int(expert_ids[index]))
     ordered = np.sort(expert_ids, axis=-1)
     repeated = np.any(ordered[:, :, 1:] == ordered[:, :, :-1], axis=-1)
     if repeated.any():
-        layer, token = _first_index(repeated)
+        layer, token = first_index(repeated)
         raise trace_error(
             origin, "expert_ids", (layer, token), "distinct experts within one top-k", expert_ids[layer, token].tolist()
         )
@@ -173,5 +162,5 @@ def _check_expert_ids(expert_ids: np.ndarray, origin: str, num_experts: int) -> 
 def _check_probs(probs: np.ndarray, origin: str) -> None:
     invalid = ~(np.isfinite(probs) & (probs >= 0) & (probs <= 1))
     if invalid.any():
-        index = _first_index(invalid)
+        index = first_index(invalid)
         raise trace_error(origin, "probs", index, "a finite probability in [0, 1]", float(probs[index]))

@@ -175,11 +175,13 @@ class Trace:
         return self
 
 
-def _first_index(mask: np.ndarray) -> tuple[int, ...]:
+def first_index(mask: np.ndarray) -> tuple[int, ...]:
+    """Return the index of the first True entry of `mask`, as plain ints."""
     return tuple(int(i) for i in np.argwhere(mask)[0])
 
 
-def _check_array(origin: str, field: str, value: Any, ndim: int, kinds: str, kind_text: str) -> None:
+def check_array(origin: str, field: str, value: Any, ndim: int, kinds: str, kind_text: str) -> None:
+    """Raise `TraceError` unless `value` is a numpy array with `ndim` dimensions and a dtype kind in `kinds`."""
     if not isinstance(value, np.ndarray):
         raise trace_error(origin, field, None, "a numpy array", type(value).__name__)
     if value.ndim != ndim:
@@ -196,7 +198,7 @@ def _check_pass_sequence(sequence: np.ndarray, origin: str) -> None:
     """
     negative = sequence < 0
     if negative.any():
-        index = _first_index(negative)[0]
+        index = first_index(negative)[0]
         raise trace_error(origin, "pass_sequence", index, "a sequence id >= 0", int(sequence[index]))
     starts = np.flatnonzero(np.diff(sequence) != 0) + 1
     run_ids = sequence[np.concatenate(([0], starts))]
@@ -235,20 +237,20 @@ def validate_trace(trace: Trace, origin: str = "<trace>") -> None:
     L, E, K = meta.num_layers, meta.num_experts, meta.top_k
 
     # Shapes and dtypes.
-    _check_array(origin, "expert_ids", trace.expert_ids, 3, "iu", "an integer dtype")
+    check_array(origin, "expert_ids", trace.expert_ids, 3, "iu", "an integer dtype")
     N = trace.expert_ids.shape[0]
     if trace.expert_ids.shape[1:] != (L, K):
         raise trace_error(origin, "expert_ids", None, f"shape (tokens, {L}, {K})", f"shape {trace.expert_ids.shape}")
-    _check_array(origin, "missing", trace.missing, 2, "b", "dtype bool")
+    check_array(origin, "missing", trace.missing, 2, "b", "dtype bool")
     if trace.missing.shape != (N, L):
         raise trace_error(origin, "missing", None, f"shape ({N}, {L})", f"shape {trace.missing.shape}")
-    _check_array(origin, "pass_offsets", trace.pass_offsets, 1, "iu", "an integer dtype")
+    check_array(origin, "pass_offsets", trace.pass_offsets, 1, "iu", "an integer dtype")
     T = trace.pass_offsets.shape[0] - 1
     if T < 1:
         raise trace_error(origin, "pass_offsets", None, "at least 2 entries (one pass)", trace.pass_offsets.shape[0])
     for field in ("pass_kind", "pass_sequence"):
         value = getattr(trace, field)
-        _check_array(origin, field, value, 1, "iu", "an integer dtype")
+        check_array(origin, field, value, 1, "iu", "an integer dtype")
         if value.shape != (T,):
             raise trace_error(origin, field, None, f"shape ({T},) (one entry per pass)", f"shape {value.shape}")
 
@@ -258,17 +260,17 @@ def validate_trace(trace: Trace, origin: str = "<trace>") -> None:
         raise trace_error(origin, "pass_offsets", 0, "0", int(offsets[0]))
     steps = np.diff(offsets)
     if np.any(steps < 1):
-        index = _first_index(steps < 1)[0] + 1
+        index = first_index(steps < 1)[0] + 1
         raise trace_error(origin, "pass_offsets", index, f"> {int(offsets[index - 1])} (every pass has a token)", int(offsets[index]))
     if offsets[-1] != N:
         raise trace_error(origin, "pass_offsets", T, f"the token count {N}", int(offsets[-1]))
     bad_kind = ~np.isin(trace.pass_kind, list(PASS_KIND_NAMES))
     if bad_kind.any():
-        index = _first_index(bad_kind)[0]
+        index = first_index(bad_kind)[0]
         raise trace_error(origin, "pass_kind", index, f"one of {sorted(PASS_KIND_NAMES)}", int(trace.pass_kind[index]))
     decode_long = (trace.pass_kind == PASS_DECODE) & (steps != 1)
     if decode_long.any():
-        index = _first_index(decode_long)[0]
+        index = first_index(decode_long)[0]
         raise trace_error(origin, "pass_offsets", index, "1 token in a decode pass", int(steps[index]))
     _check_pass_sequence(trace.pass_sequence, origin)
 
@@ -277,49 +279,49 @@ def validate_trace(trace: Trace, origin: str = "<trace>") -> None:
     present = ~trace.missing
     out_of_range = present[:, :, None] & ((ids < 0) | (ids >= E))
     if out_of_range.any():
-        index = _first_index(out_of_range)
+        index = first_index(out_of_range)
         raise trace_error(origin, "expert_ids", index, f"an expert id in [0, {E})", int(ids[index]))
     not_marked = trace.missing[:, :, None] & (ids != MISSING_EXPERT)
     if not_marked.any():
-        index = _first_index(not_marked)
+        index = first_index(not_marked)
         raise trace_error(origin, "expert_ids", index, f"{MISSING_EXPERT} in a missing cell", int(ids[index]))
     if K > 1:
         ordered = np.sort(ids, axis=-1)
         repeated = present & np.any(ordered[:, :, 1:] == ordered[:, :, :-1], axis=-1)
         if repeated.any():
-            token, layer = _first_index(repeated)
+            token, layer = first_index(repeated)
             raise trace_error(origin, "expert_ids", (token, layer), "distinct experts within one top-k", ids[token, layer].tolist())
 
     # Optional score arrays: finite and non-negative where present (logits may be negative).
     if trace.scores is not None:
-        _check_array(origin, "scores", trace.scores, 3, "f", "a float dtype")
+        check_array(origin, "scores", trace.scores, 3, "f", "a float dtype")
         if trace.scores.shape != ids.shape:
             raise trace_error(origin, "scores", None, f"shape {ids.shape}", f"shape {trace.scores.shape}")
         scores = trace.scores
         bad = present[:, :, None] & ~(np.isfinite(scores) & (scores >= 0))
         if bad.any():
-            index = _first_index(bad)
+            index = first_index(bad)
             raise trace_error(origin, "scores", index, "a finite score >= 0", float(scores[index]))
     if trace.router_logits is not None:
-        _check_array(origin, "router_logits", trace.router_logits, 3, "f", "a float dtype")
+        check_array(origin, "router_logits", trace.router_logits, 3, "f", "a float dtype")
         if trace.router_logits.shape != (N, L, E):
             raise trace_error(origin, "router_logits", None, f"shape ({N}, {L}, {E})", f"shape {trace.router_logits.shape}")
         bad = present[:, :, None] & ~np.isfinite(trace.router_logits)
         if bad.any():
-            index = _first_index(bad)
+            index = first_index(bad)
             raise trace_error(origin, "router_logits", index, "a finite logit", float(trace.router_logits[index]))
     if trace.speculative_logits is not None:
         speculative = trace.speculative_logits
-        _check_array(origin, "speculative_logits", speculative, 3, "f", "a float dtype")
+        check_array(origin, "speculative_logits", speculative, 3, "f", "a float dtype")
         if speculative.shape != (N, L, E):
             raise trace_error(origin, "speculative_logits", None, f"shape ({N}, {L}, {E})", f"shape {speculative.shape}")
         bad = present[:, :-1, None] & ~np.isfinite(speculative[:, :-1])
         if bad.any():
-            index = _first_index(bad)
+            index = first_index(bad)
             raise trace_error(origin, "speculative_logits", index, "a finite logit", float(speculative[index]))
         last = ~np.isnan(speculative[:, -1])
         if last.any():
-            token, expert = _first_index(last)
+            token, expert = first_index(last)
             index = (token, L - 1, expert)
             raise trace_error(origin, "speculative_logits", index, "NaN for the last MoE layer (no next layer)", float(speculative[index]))
 

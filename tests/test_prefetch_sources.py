@@ -12,6 +12,7 @@ from specmd_jax.prefetch.sources import (
     check_table_size,
     cooccurrence_scores,
     cooccurrence_transitions,
+    current_layer_scores,
     frequency_scores,
     gate_speculative_scores,
     oracle_scores,
@@ -68,6 +69,15 @@ def test_oracle_matches_every_step() -> None:
         for offset in (1, 2):
             expected = flat[step + offset] if step + offset < 8 else np.zeros(3)
             np.testing.assert_array_equal(table[step // 2, step % 2, offset - 1], expected, err_msg=f"step {step} j {offset}")
+
+
+def test_current_layer_hand_worked() -> None:
+    table = current_layer_scores(small_presence(), lookahead=2)
+    np.testing.assert_array_equal(table[1, 0, 0], one_hot(0, 2))  # step 2 predicts its own ids
+    np.testing.assert_array_equal(table[1, 0, 1], one_hot(0, 2))
+    np.testing.assert_array_equal(table[3, 0, 0], one_hot(1))
+    np.testing.assert_array_equal(table[3, 0, 1], 0.0)  # s 6, t 8: past the last step
+    np.testing.assert_array_equal(table[3, 1], 0.0)
 
 
 def test_previous_pass_first_pass_zero() -> None:

@@ -107,11 +107,32 @@ def _spread_over_offsets(per_target: np.ndarray, num_layers: int, lookahead: int
     return table.reshape(num_steps // num_layers, num_layers, lookahead, num_experts)
 
 
+def _clear_past_last_step(table: np.ndarray) -> None:
+    """Set to 0, in place, the entries of a [T, L, D, E] table whose target step s + j is past the last step."""
+    num_passes, num_layers, lookahead, num_experts = table.shape
+    flat = table.reshape(num_passes * num_layers, lookahead, num_experts)
+    num_steps = flat.shape[0]
+    for offset in range(1, lookahead + 1):
+        flat[max(num_steps - offset, 0):, offset - 1] = 0.0
+
+
 def oracle_scores(presence: np.ndarray, lookahead: int, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Build the oracle table: 1.0 where the target step requests the expert, else 0."""
     num_passes, num_layers, num_experts = _validate(presence, lookahead, max_bytes)
     per_target = presence.reshape(num_passes * num_layers, num_experts).astype(np.float32)
     return _spread_over_offsets(per_target, num_layers, lookahead)
+
+
+def current_layer_scores(presence: np.ndarray, lookahead: int, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """Build the current-layer table: every offset predicts the expert ids that the issuing step requests.
+
+    Expert e of one layer and expert e of another are different weights, so this baseline only scores
+    well where routing happens to reuse ids across layers. Targets past the last step score 0.
+    """
+    _validate(presence, lookahead, max_bytes)
+    table = np.repeat(presence[:, :, None, :].astype(np.float32), lookahead, axis=2)
+    _clear_past_last_step(table)
+    return table
 
 
 def previous_pass_scores(presence: np.ndarray, lookahead: int, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
@@ -196,11 +217,7 @@ def cooccurrence_scores(
             summed, request_counts, out=np.zeros_like(summed), where=request_counts > 0
         )
 
-    # Targets past the last step score 0, like every other table.
-    flat = table.reshape(num_passes * num_layers, lookahead, num_experts)
-    num_steps = flat.shape[0]
-    for offset in range(1, lookahead + 1):
-        flat[max(num_steps - offset, 0):, offset - 1] = 0.0
+    _clear_past_last_step(table)
     return table
 
 

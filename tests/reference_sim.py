@@ -112,8 +112,10 @@ def random_draws(seed: int, step: int, pool_size: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=8)
-def random_draw_table(seed: int, num_steps: int, pool_size: int) -> np.ndarray:
+def random_draw_table(seed: int, num_steps: int, pool_size: int, phase: int = 0) -> np.ndarray:
     """Return int32 [num_steps, pool_size] whose row s is `random_draws(seed, s, pool_size)`.
+
+    With phase 1, the draws of the prefetch phase instead: the key of step s folded with 1.
 
     One vmapped call replaces thousands of eager calls of a few hundred microseconds each. Threefry
     draws do not depend on batching, and a parity test compares rows with `random_draws`.
@@ -121,6 +123,8 @@ def random_draw_table(seed: int, num_steps: int, pool_size: int) -> np.ndarray:
 
     def draws_of_step(step):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+        if phase:
+            key = jax.random.fold_in(key, phase)
         return jax.random.randint(key, (pool_size,), 0, RANDOM_DRAW_MAX, dtype=jnp.int32)
 
     return np.asarray(jax.vmap(draws_of_step)(jnp.arange(num_steps, dtype=jnp.int32)))
@@ -136,17 +140,19 @@ def random_draw_table(seed: int, num_steps: int, pool_size: int) -> np.ndarray:
 
 
 class LruPolicy:
+    phase = 0  # 0 demand, 1 prefetch; a step's prefetch insertions are later uses than its demand ones
+
     def __init__(self, context):
-        self.last_use: dict[int, int] = {}
+        self.last_use: dict[int, tuple[int, int]] = {}
 
     def begin_pass(self, pass_index):
         pass
 
     def on_hit(self, item, step):
-        self.last_use[item] = step
+        self.last_use[item] = (step, self.phase)
 
     def on_insert(self, item, step):
-        self.last_use[item] = step
+        self.last_use[item] = (step, self.phase)
 
     def evict_one(self, requested, step):
         candidates = [(last, item) for item, last in self.last_use.items() if item not in requested]
@@ -156,8 +162,10 @@ class LruPolicy:
 
 
 class FifoPolicy:
+    phase = 0
+
     def __init__(self, context):
-        self.inserted_at: dict[int, int] = {}
+        self.inserted_at: dict[int, tuple[int, int]] = {}
 
     def begin_pass(self, pass_index):
         pass
@@ -166,7 +174,7 @@ class FifoPolicy:
         pass
 
     def on_insert(self, item, step):
-        self.inserted_at[item] = step
+        self.inserted_at[item] = (step, self.phase)
 
     def evict_one(self, requested, step):
         candidates = [(inserted, item) for item, inserted in self.inserted_at.items() if item not in requested]
@@ -178,20 +186,22 @@ class FifoPolicy:
 class LfuPolicy:
     """Requests since insertion (the inserting request counts as the first), forgotten on eviction."""
 
+    phase = 0
+
     def __init__(self, context):
         self.count: dict[int, int] = {}
-        self.last_use: dict[int, int] = {}
+        self.last_use: dict[int, tuple[int, int]] = {}
 
     def begin_pass(self, pass_index):
         pass
 
     def on_hit(self, item, step):
         self.count[item] += 1
-        self.last_use[item] = step
+        self.last_use[item] = (step, self.phase)
 
     def on_insert(self, item, step):
         self.count[item] = 1
-        self.last_use[item] = step
+        self.last_use[item] = (step, self.phase)
 
     def evict_one(self, requested, step):
         candidates = [(self.count[item], self.last_use[item], item) for item in self.count if item not in requested]
@@ -202,8 +212,11 @@ class LfuPolicy:
 
 
 class RandomPolicy:
+    phase = 0
+
     def __init__(self, context):
         self.draw_table = random_draw_table(context["seed"], context["num_steps"], context["pool_size"])
+        self.prefetch_draw_table = random_draw_table(context["seed"], context["num_steps"], context["pool_size"], 1)
         self.position_of = context["position_of"]
         self.resident: set[int] = set()
 
@@ -217,7 +230,7 @@ class RandomPolicy:
         self.resident.add(item)
 
     def evict_one(self, requested, step):
-        draws = self.draw_table[step]
+        draws = (self.prefetch_draw_table if self.phase else self.draw_table)[step]
         candidates = [(int(draws[self.position_of(item)]), item) for item in self.resident if item not in requested]
         _, victim = min(candidates)
         self.resident.remove(victim)
@@ -412,8 +425,14 @@ class Pool:
         self.evicted_in_pass: dict[int, int] = {}
         self.current_pass: int | None = None
 
-    def run_step(self, pass_index: int, step: int, requested: list[int]) -> tuple[list[int], list[int]]:
-        """Process one step's requests (flat ids, ascending) and return (outcome per request, victims)."""
+    def run_step(
+        self, pass_index: int, step: int, requested: list[int], insert_misses: bool = True
+    ) -> tuple[list[int], list[int]]:
+        """Process one step's requests (flat ids, ascending) and return (outcome per request, victims).
+
+        insert_misses=False computes the misses on the host: they are counted but never inserted.
+        """
+        self.policy.phase = 0
         if self.current_pass != pass_index:
             self.policy.begin_pass(pass_index)
             self.current_pass = pass_index
@@ -434,7 +453,16 @@ class Pool:
 
         for item in hits:
             self.policy.on_hit(item, step)
+        if not insert_misses:
+            misses = []
+        victims = self._evict_and_insert(requested_set, misses, pass_index, step)
+        self.seen.update(requested)
+        assert len(self.resident) <= self.capacity
+        return outcomes, sorted(victims)
+
+    def _evict_and_insert(self, protected, misses, pass_index, step) -> list[int]:
         victims = []
+        requested_set = protected
         if self.order == "interleaved":
             for item in misses:
                 if len(self.resident) == self.capacity:
@@ -446,9 +474,16 @@ class Pool:
                 victims.append(self._evict_one(requested_set, pass_index, step))
             for item in misses:
                 self._insert(item, step)
-        self.seen.update(requested)
+        return victims
+
+    def run_prefetch(self, pass_index: int, step: int, protected: set[int], admitted: list[int]) -> list[int]:
+        """Insert the prefetched items (flat ids, ascending) and return the victims, ascending."""
+        self.policy.phase = 1
+        # Items prefetched in this step are never its victims (this matters only in the interleaved order).
+        victims = self._evict_and_insert(protected | set(admitted), admitted, pass_index, step)
+        self.policy.phase = 0
         assert len(self.resident) <= self.capacity
-        return outcomes, sorted(victims)
+        return sorted(victims)
 
     def _evict_one(self, requested_set, pass_index, step):
         victim = self.policy.evict_one(requested_set, step)
@@ -567,4 +602,159 @@ def simulate(
         outcomes=outcomes,
         victims=victims,
         occupancy=occupancy,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prefetching (global scope only), written from the "Prefetching" section of docs/semantics.md.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PrefetchReferenceResult:
+    """A ReferenceResult plus the prefetch tallies and events, in the layout of `run_sweep`."""
+
+    base: ReferenceResult
+    prefetches: int
+    prefetch_hits: int
+    wasted: int
+    prefetched: list[list[int]]  # per global step, flat ids in issue order
+    prefetch_victims: list[list[int]]  # per global step, ascending
+    prefetch_source: np.ndarray  # int32 [T, L, R], issuing step of each prefetch hit, else -1
+
+
+def select_prefetch(scores, step, num_layers, num_steps, selection, top_k, threshold):
+    """Return the selected (lookahead, rank, flat id, target step) tuples of one score row, in priority order."""
+    depth, num_experts = scores.shape
+    chosen = []
+    for j in range(1, depth + 1):
+        target = step + j
+        if target >= num_steps:
+            continue
+        row = [(float(scores[j - 1, e]), e) for e in range(num_experts)]
+        ranked = [e for _, e in sorted(row, key=lambda pair: (-pair[0], pair[1])) if scores[j - 1, e] > 0]
+        if selection == "all":
+            kept = ranked
+        elif selection == "top-k":
+            kept = ranked[:top_k]
+        else:
+            # float32 arithmetic, like the simulator; the tests use dyadic scores so sums are exact.
+            total = np.float32(0)
+            for e in ranked:
+                total = np.float32(total + scores[j - 1, e])
+            bound = np.float32(np.float32(threshold) * total)
+            kept, before = [], np.float32(0)
+            for e in ranked:
+                if before >= bound:
+                    break
+                kept.append(e)
+                before = np.float32(before + scores[j - 1, e])
+        layer = target % num_layers
+        chosen.extend((j, rank, layer * num_experts + e, target) for rank, e in enumerate(kept))
+    return chosen
+
+
+def simulate_prefetch(
+    trace,
+    policy: str,
+    capacity_slots: int,
+    scores: np.ndarray,
+    selection: str,
+    *,
+    top_k: int = 0,
+    threshold: float = 1.0,
+    budget: int = 0,
+    params: Any = None,
+    seed: int = 0,
+    order: str = "victims-first",
+    miss_mode: str = "demand",
+) -> PrefetchReferenceResult:
+    """Simulate one configuration with a prefetcher whose score table is `scores` [T, L, D, E] (global scope)."""
+    num_passes, num_layers, num_experts = trace.num_passes, trace.num_layers, trace.num_experts
+    num_steps = num_passes * num_layers
+    requests = step_requests(trace)
+    max_requests = max([1] + [len(experts) for per_layer in requests for experts in per_layer])
+    request_steps: dict[int, list[int]] = collections.defaultdict(list)
+    for p in range(num_passes):
+        for layer in range(num_layers):
+            for expert in requests[p][layer]:
+                request_steps[layer * num_experts + expert].append(p * num_layers + layer)
+    context = {
+        "seed": seed,
+        "num_steps": num_steps,
+        "pool_size": num_layers * num_experts,
+        "position_of": lambda item: item,
+        "request_steps": request_steps,
+        "capacity": capacity_slots,
+        "params": _policy_params(policy, params),
+    }
+    pool = Pool(POLICY_CLASSES[policy](context), capacity_slots, order)
+
+    pending: dict[int, tuple[int, int]] = {}  # flat id -> (target step, issuing step)
+    outcomes = np.zeros((num_passes, num_layers, max_requests), np.int8)
+    victims = np.full((num_passes, num_layers, max_requests), -1, np.int32)
+    source = np.full((num_passes, num_layers, max_requests), -1, np.int32)
+    occupancy = np.zeros((num_passes, num_layers), np.int32)
+    requests_per_layer = np.zeros(num_layers, np.int64)
+    hits_per_layer = np.zeros(num_layers, np.int64)
+    prefetched, prefetch_victims = [], []
+    prefetch_hits = wasted = evictions = 0
+    for p in range(num_passes):
+        for layer in range(num_layers):
+            step = p * num_layers + layer
+            flat_ids = [layer * num_experts + expert for expert in requests[p][layer]]
+            for slot, item in enumerate(flat_ids):
+                if item in pool.resident and item in pending:
+                    source[p, layer, slot] = pending[item][1]
+                    prefetch_hits += 1
+            step_outcomes, step_victims = pool.run_step(p, step, flat_ids, insert_misses=miss_mode == "demand")
+            for item in flat_ids + step_victims:
+                if item in pending:
+                    wasted += item in step_victims
+                    del pending[item]
+            outcomes[p, layer, : len(step_outcomes)] = step_outcomes
+            victims[p, layer, : len(step_victims)] = step_victims
+            evictions += len(step_victims)
+
+            selected = select_prefetch(scores[p, layer], step, num_layers, num_steps, selection, top_k, threshold)
+            protected = set(flat_ids) | {item for item, (target, _) in pending.items() if target > step}
+            protected |= {item for _, _, item, _ in selected if item in pool.resident}
+            open_ = [(item, target) for _, _, item, target in selected if item not in pool.resident][:budget]
+            room = capacity_slots - len(pool.resident) + len(pool.resident - protected)
+            admitted = open_[: max(0, min(budget, room))]
+            step_prefetch_victims = pool.run_prefetch(p, step, protected, sorted(item for item, _ in admitted))
+            for item in step_prefetch_victims:
+                if item in pending:
+                    wasted += 1
+                    del pending[item]
+            for item, target in admitted:
+                pending[item] = (target, step)
+            prefetched.append([item for item, _ in admitted])
+            prefetch_victims.append(step_prefetch_victims)
+            evictions += len(step_prefetch_victims)
+            occupancy[p, layer] = len(pool.resident)
+            requests_per_layer[layer] += len(flat_ids)
+            hits_per_layer[layer] += step_outcomes.count(OUTCOME_HIT)
+
+    base = ReferenceResult(
+        requests=int((outcomes != OUTCOME_NONE).sum()),
+        hits=int((outcomes == OUTCOME_HIT).sum()),
+        compulsory=int((outcomes == OUTCOME_COMPULSORY).sum()),
+        capacity=int((outcomes == OUTCOME_CAPACITY).sum()),
+        collision=int((outcomes == OUTCOME_COLLISION).sum()),
+        evictions=evictions,
+        requests_per_layer=requests_per_layer,
+        hits_per_layer=hits_per_layer,
+        outcomes=outcomes,
+        victims=victims,
+        occupancy=occupancy,
+    )
+    return PrefetchReferenceResult(
+        base=base,
+        prefetches=sum(len(items) for items in prefetched),
+        prefetch_hits=prefetch_hits,
+        wasted=wasted,
+        prefetched=prefetched,
+        prefetch_victims=prefetch_victims,
+        prefetch_source=source,
     )

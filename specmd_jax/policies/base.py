@@ -24,14 +24,19 @@ class StepInfo(NamedTuple):
 
     All masks are bool [N] over the pool's items, indexed by position in the pool. A smaller position
     always has a smaller flat id, so "smallest position" and "smallest flat id" agree.
+
+    A step has a demand phase and, with a prefetcher, a prefetch phase (docs/semantics.md). In the
+    prefetch phase the prefetched items play the part of the misses: `requested` and `misses` are the
+    prefetched items, `hits` and `request_hit` are empty, and the request slots list the prefetched items.
     """
 
     step: jax.Array  # int32 scalar, global step index s = p * L + l
     pass_index: jax.Array  # int32 scalar
-    requested: jax.Array  # bool [N]
+    requested: jax.Array  # bool [N], the items this phase touches: the requests, or the prefetched items
     hits: jax.Array  # bool [N]
-    misses: jax.Array  # bool [N]
+    misses: jax.Array  # bool [N], the items this phase inserts
     next_use: jax.Array  # int32 [N], next request step of each requested item after this one, else NEVER
+    resident: jax.Array  # bool [N], items in the cache before this phase's victims leave
     capacity: jax.Array  # int32 scalar, slots of this pool
     occupancy: jax.Array  # int32 scalar, resident items before this step
     request_positions: jax.Array  # int32 [R], pool positions of the requests, ascending, -1 padded
@@ -40,6 +45,8 @@ class StepInfo(NamedTuple):
     rng: jax.Array  # PRNG key for this step (already folded with the step index)
     max_victims: int  # static bound on the victims of one step: the number of request slots R
     num_steps: int  # static number of steps of the trace (T * L); every step index is below it
+    phase: int = 0  # static: 0 demand phase, where the resident items that are not eligible are exactly
+    # the hits; 1 prefetch phase, where they are the protected items (see `EvictionPolicy`)
 
 
 class EvictionPolicy(NamedTuple):

@@ -57,9 +57,27 @@ def count_before(slot_ranks: jax.Array, rank: jax.Array) -> jax.Array:
 def first_eligible(rank: jax.Array, info: StepInfo, eligible: jax.Array, num_victims: jax.Array) -> QueueStep:
     """Select the first `num_victims` eligible items in queue order (step 1)."""
     hit_ranks = jnp.where(info.request_hit, slot_values(rank, info, NOT_QUEUED), NOT_QUEUED)
-    eligible_rank = rank - count_before(hit_ranks, rank)
+    if info.phase == 0:
+        eligible_rank = rank - count_before(hit_ranks, rank)
+    else:
+        eligible_rank = eligible_before(rank, eligible)
     victims = eligible & (eligible_rank < num_victims)
     return QueueStep(victims, eligible_rank, hit_ranks)
+
+
+def eligible_before(rank: jax.Array, eligible: jax.Array) -> jax.Array:
+    """Count, for each queued item, the eligible items ranked before it (O(N) scatter, cumsum, gather).
+
+    The prefetch phase needs it because there the items that are not eligible (the protected ones) are
+    not the step's hits, so counting over the R request slots does not work.
+    """
+    num_items = rank.shape[0]
+    queued = rank < NOT_QUEUED
+    by_rank = jnp.zeros(num_items, jnp.int32).at[jnp.where(queued, rank, num_items)].set(
+        eligible.astype(jnp.int32), mode="drop"
+    )
+    before = jnp.cumsum(by_rank) - by_rank
+    return jnp.where(queued, before[jnp.clip(rank, 0, num_items - 1)], NOT_QUEUED)
 
 
 def advance(

@@ -122,9 +122,9 @@ def _choose_victims(state: S3FifoState, params: S3FifoParams, info: StepInfo, el
     promote_threshold = jnp.asarray(params.promote_threshold, jnp.int32)
     small_min_items = small_queue_min_items(params.small_fraction, info.capacity)
     max_ghosts = ghost_size(params.small_fraction, info.capacity)
-    # Resident items requested in this step are exactly the hits; they count as queue members but are
-    # never taken.
-    in_queue = eligible | info.hits
+    # Resident items that are not eligible (requested in this step, or protected prefetches) count as
+    # queue members but are never taken.
+    in_queue = info.resident
 
     def unfinished(carry):
         _, victims, found = carry

@@ -60,9 +60,9 @@ def _first_from_hand(mask: jax.Array, seq: jax.Array, hand_seq: jax.Array) -> tu
 
 def _choose_victims(state: SieveState, params, info: StepInfo, eligible: jax.Array, num_victims: jax.Array):
     del params
-    # Resident items requested in this step are exactly the hits; they stay in the queue but are
-    # never victims.
-    in_queue = eligible | info.hits
+    # Resident items that are not eligible (requested in this step, or protected prefetches) stay in
+    # the queue but are never victims.
+    in_queue = info.resident
 
     def evict_one(_, carry):
         visited, hand_seq, victims = carry

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from specmd_jax.policies.base import NEVER, EvictionPolicy, StepInfo
+from specmd_jax.policies.base import INT_MAX, NEVER, EvictionPolicy, StepInfo
 
 OUTCOME_NONE = 0
 OUTCOME_HIT = 1
@@ -61,6 +61,36 @@ def init_pool(policy: EvictionPolicy, num_items: int, params) -> PoolState:
     )
 
 
+def _apply_requests(
+    policy: EvictionPolicy,
+    params,
+    state: PoolState,
+    info: StepInfo,
+    eligible: jax.Array,
+    num_inserts: jax.Array,
+    call_on_hits: bool,
+) -> tuple[Any, jax.Array, jax.Array]:
+    """Run one phase of the policy: hits, then victims for the slots the insertions need, then insertions.
+
+    Returns the policy state, the victims (bool [N]) and their number.
+    """
+    policy_state = state.policy
+    if call_on_hits:
+        policy_state = policy.on_hits(policy_state, params, info)
+    num_victims = jnp.maximum(state.occupancy + num_inserts - info.capacity, 0)
+    victims, policy_state = policy.choose_victims(policy_state, params, info, eligible, num_victims)
+    policy_state = policy.on_inserts(policy_state, params, info)
+    return policy_state, victims, num_victims
+
+
+def _requests_only_hits(request_positions: jax.Array, request_next_step: jax.Array, slot_hit: jax.Array):
+    """Keep the hit slots of a request list, moved to the front in ascending position, -1 padded."""
+    key = jnp.where(slot_hit, request_positions, INT_MAX)
+    order = jnp.argsort(key, stable=True)
+    kept = jnp.take(slot_hit, order)
+    return jnp.where(kept, jnp.take(request_positions, order), -1), jnp.where(kept, jnp.take(request_next_step, order), -1)
+
+
 def pool_step(
     policy: EvictionPolicy,
     params,
@@ -72,62 +102,41 @@ def pool_step(
     capacity: jax.Array,
     rng: jax.Array,
     num_steps: int,
+    *,
+    insert_misses: bool = True,
 ) -> tuple[PoolState, StepCounts, StepEvents]:
-    """Advance one pool by one step.
+    """Advance one pool by the demand phase of one step.
 
     Args:
       request_positions: int32 [R], pool positions of the requested items in ascending order, -1 padded.
       request_next_step: int32 [R], the step of each requested item's next request (or NEVER).
       capacity: int32 scalar, the pool's slots (at least the step's request count; checked on the host).
+      insert_misses: False computes every miss elsewhere (on the host): misses are counted but never
+        inserted, so nothing is evicted and the policy sees only the hits.
     """
     num_items = state.resident.shape[0]
     max_requests = request_positions.shape[0]
-    positions = jnp.arange(num_items, dtype=jnp.int32)
-
-    # Requests as masks over the pool (padding -1 matches no position). Counts are taken over the R
-    # request slots, not the N items: reductions along the item axis are slow on XLA:CPU.
-    match = request_positions[:, None] == positions[None, :]
-    scatter_to = jnp.where(request_positions >= 0, request_positions, num_items)
-    requested = jnp.zeros(num_items, bool).at[scatter_to].set(True, mode="drop")
-    next_use = jnp.max(jnp.where(match, request_next_step[:, None], -1), axis=0)
-    next_use = jnp.where(requested, next_use, NEVER)
-    hits = requested & state.resident
-    misses = requested & ~state.resident
     slot = jnp.clip(request_positions, 0, num_items - 1)
     slot_used = request_positions >= 0
     slot_hit = slot_used & state.resident[slot]
     slot_miss = slot_used & ~slot_hit
     slot_compulsory = slot_miss & ~state.seen[slot]
     slot_collision = slot_miss & ~slot_compulsory & (state.evicted_pass[slot] == pass_index)
-    info = StepInfo(
-        step=step,
-        pass_index=pass_index,
-        requested=requested,
-        hits=hits,
-        misses=misses,
-        next_use=next_use,
-        capacity=capacity,
-        occupancy=state.occupancy,
-        request_positions=request_positions,
-        request_hit=slot_hit,
-        request_match=match,
-        rng=rng,
-        max_victims=max_requests,
-        num_steps=num_steps,
-    )
-
-    # Hits first, then victims for the slots the misses need, then the insertions.
-    policy_state = policy.on_hits(state.policy, params, info)
     num_misses = jnp.sum(slot_miss, dtype=jnp.int32)
-    num_victims = jnp.maximum(state.occupancy + num_misses - capacity, 0)
-    eligible = state.resident & ~requested
-    victims, policy_state = policy.choose_victims(policy_state, params, info, eligible, num_victims)
-    policy_state = policy.on_inserts(policy_state, params, info)
+
+    all_requested = _positions_mask(request_positions, num_items)
+    if not insert_misses:
+        request_positions, request_next_step = _requests_only_hits(request_positions, request_next_step, slot_hit)
+    info = _step_info(state, request_positions, request_next_step, step, pass_index, capacity, rng, num_steps)
+    num_inserts = num_misses if insert_misses else jnp.zeros((), jnp.int32)
+    policy_state, victims, num_victims = _apply_requests(
+        policy, params, state, info, state.resident & ~info.requested, num_inserts, call_on_hits=True
+    )
     new_state = PoolState(
-        resident=(state.resident & ~victims) | misses,
-        seen=state.seen | requested,
+        resident=(state.resident & ~victims) | info.misses,
+        seen=state.seen | all_requested,
         evicted_pass=jnp.where(victims, pass_index, state.evicted_pass),
-        occupancy=state.occupancy + num_misses - num_victims,
+        occupancy=state.occupancy + num_inserts - num_victims,
         policy=policy_state,
     )
 
@@ -151,6 +160,138 @@ def pool_step(
     outcomes = jnp.where(slot_used, outcome, OUTCOME_NONE).astype(jnp.int8)
     (victim_positions,) = jnp.nonzero(victims, size=max_requests, fill_value=-1)
     return new_state, counts, StepEvents(outcomes, victim_positions.astype(jnp.int32))
+
+
+def _positions_mask(positions: jax.Array, num_items: int) -> jax.Array:
+    """Return bool [N], True at the given pool positions (-1 entries mark nothing)."""
+    scatter_to = jnp.where(positions >= 0, positions, num_items)
+    return jnp.zeros(num_items, bool).at[scatter_to].set(True, mode="drop")
+
+
+def _step_info(state: PoolState, positions, next_steps, step, pass_index, capacity, rng, num_steps, phase=0) -> StepInfo:
+    """Describe one phase whose touched items are `positions` (ascending, -1 padded) to the policy."""
+    num_items = state.resident.shape[0]
+    item_positions = jnp.arange(num_items, dtype=jnp.int32)
+    # Counts are taken over the R request slots, not the N items: reductions along the item axis are
+    # slow on XLA:CPU.
+    match = positions[:, None] == item_positions[None, :]
+    requested = _positions_mask(positions, num_items)
+    next_use = jnp.max(jnp.where(match, next_steps[:, None], -1), axis=0)
+    slot = jnp.clip(positions, 0, num_items - 1)
+    return StepInfo(
+        step=step,
+        pass_index=pass_index,
+        requested=requested,
+        hits=requested & state.resident,
+        misses=requested & ~state.resident,
+        next_use=jnp.where(requested, next_use, NEVER),
+        resident=state.resident,
+        capacity=capacity,
+        occupancy=state.occupancy,
+        request_positions=positions,
+        request_hit=(positions >= 0) & state.resident[slot],
+        request_match=match,
+        rng=rng,
+        max_victims=positions.shape[0],
+        num_steps=num_steps,
+        phase=phase,
+    )
+
+
+class PrefetchTracking(NamedTuple):
+    """Prefetched items that no request has used yet, per pool item."""
+
+    target: jax.Array  # int32 [N], step the prefetch was issued for, -1 when the item is not a pending prefetch
+    issued: jax.Array  # int32 [N], step that issued it, -1 likewise
+
+
+def init_tracking(num_items: int) -> PrefetchTracking:
+    return PrefetchTracking(jnp.full(num_items, -1, jnp.int32), jnp.full(num_items, -1, jnp.int32))
+
+
+class PrefetchOutcome(NamedTuple):
+    """What the prefetch phase of one step did."""
+
+    admitted: jax.Array  # int32 [B], pool positions of the prefetched items in priority order, -1 padded
+    victims: jax.Array  # bool [N]
+    num_prefetches: jax.Array  # int32 scalar
+    num_victims: jax.Array  # int32 scalar
+    wasted: jax.Array  # int32 scalar, victims that were prefetched and never used
+
+
+def prefetch_step(
+    policy: EvictionPolicy,
+    params,
+    state: PoolState,
+    tracking: PrefetchTracking,
+    candidates: jax.Array,
+    candidate_target: jax.Array,
+    candidate_next_use: jax.Array,
+    protected: jax.Array,
+    step: jax.Array,
+    pass_index: jax.Array,
+    capacity: jax.Array,
+    budget: jax.Array,
+    rng: jax.Array,
+    num_steps: int,
+) -> tuple[PoolState, PrefetchTracking, PrefetchOutcome]:
+    """Run the prefetch phase of a step, after its demand phase (see docs/semantics.md).
+
+    Args:
+      candidates: int32 [B], pool positions proposed for prefetching in priority order, -1 padded;
+        resident candidates are skipped.
+      candidate_target: int32 [B], the step each candidate is prefetched for (later than `step`).
+      candidate_next_use: int32 [B], each candidate's next request step after `step`, or NEVER.
+      protected: bool [N], items this phase must not evict: the step's requests and the resident items
+        the prefetcher selected. Pending prefetches whose target step has not run yet are added here.
+      budget: int32 scalar, the most prefetches this step issues.
+    Returns the new pool state and tracking, and what was prefetched and evicted. The first `budget`
+    non-resident candidates are prefetched, fewer when the free slots and the items that may be evicted
+    do not suffice; those kept are the first in priority order.
+    """
+    num_items = state.resident.shape[0]
+    slot = jnp.clip(candidates, 0, num_items - 1)
+    open_ = (candidates >= 0) & ~state.resident[slot]
+    order = jnp.cumsum(open_.astype(jnp.int32)) - 1
+
+    # A pending prefetch whose target step has not run yet is protected, like this step's requests.
+    protected = protected | (tracking.target > step)
+    eligible = state.resident & ~protected
+    room = capacity - state.occupancy + jnp.sum(eligible, dtype=jnp.int32)
+    limit = jnp.minimum(budget, room)
+    admitted = open_ & (order < limit)
+    num_prefetches = jnp.sum(admitted, dtype=jnp.int32)
+
+    # The policy sees the admitted items in ascending position, like a step's misses.
+    sort_key = jnp.where(admitted, candidates, INT_MAX)
+    by_position = jnp.argsort(sort_key, stable=True)
+    kept = jnp.take(admitted, by_position)
+    positions = jnp.where(kept, jnp.take(candidates, by_position), -1)
+    next_steps = jnp.where(kept, jnp.take(candidate_next_use, by_position), -1)
+    info = _step_info(state, positions, next_steps, step, pass_index, capacity, rng, num_steps, phase=1)
+    policy_state, victims, num_victims = _apply_requests(
+        policy, params, state, info, eligible, num_prefetches, call_on_hits=False
+    )
+    new_state = PoolState(
+        resident=(state.resident & ~victims) | info.misses,
+        seen=state.seen,
+        evicted_pass=jnp.where(victims, pass_index, state.evicted_pass),
+        occupancy=state.occupancy + num_prefetches - num_victims,
+        policy=policy_state,
+    )
+
+    wasted = jnp.sum(victims & (tracking.target >= 0), dtype=jnp.int32)
+    targets = jnp.where(admitted, candidates, num_items)
+    target = jnp.where(victims, -1, tracking.target).at[targets].set(candidate_target, mode="drop")
+    issued = jnp.where(victims, -1, tracking.issued).at[targets].set(step, mode="drop")
+    outcome = PrefetchOutcome(
+        admitted=jnp.where(admitted, candidates, -1),
+        victims=victims,
+        num_prefetches=num_prefetches,
+        num_victims=num_victims,
+        wasted=wasted,
+    )
+    return new_state, PrefetchTracking(target, issued), outcome
 
 
 class SweepTotals(NamedTuple):

@@ -1,14 +1,16 @@
-"""Sweeps: many (policy, capacity, hyper-parameter, seed) configurations over one trace.
+"""Sweeps: many (policy, capacity, hyper-parameter, seed, prefetcher) configurations over one trace.
 
-Configurations are grouped by policy; each group is one jit-compiled, vmapped call of
-`specmd_jax.sim.engine.simulate_batch`, so a capacity sweep of one policy compiles once.
+Configurations are grouped by policy (and, with prefetching or another miss mode, by prefetcher,
+lookahead and miss mode); each group is one jit-compiled, vmapped call of
+`specmd_jax.sim.engine.simulate_batch` or `specmd_jax.sim.prefetch.simulate_prefetch_batch`, so a
+capacity sweep of one policy compiles once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -16,8 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from specmd_jax.policies.registry import get_policy
+from specmd_jax.prefetch.registry import (
+    DEFAULT_TRAIN_FRACTION,
+    PREFETCHERS,
+    PrefetchConfig,
+    build_score_table,
+    resolved_params,
+)
 from specmd_jax.sim.engine import SweepTotals, simulate_batch
-from specmd_jax.sim.requests import StepRequests, build_requests
+from specmd_jax.sim.prefetch import MISS_MODES, PrefetchParams, next_request_table, simulate_prefetch_batch
+from specmd_jax.sim.requests import StepRequests, build_requests, request_presence
 from specmd_jax.sim.stack import simulate_lru_stack
 from specmd_jax.traces.trace import Trace
 
@@ -102,14 +112,22 @@ def _slots_text(count: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SimConfig:
-    """One configuration: a policy, a total capacity in slots, its hyper-parameters and a seed."""
+    """One configuration: a policy, a total capacity in slots, its hyper-parameters, a seed, and
+    optionally a prefetcher and a miss-handling mode (`demand` loads a missed expert, `host` computes it
+    on the host without inserting it)."""
 
     policy: str
     capacity: int
     params: Any = ()  # a dict or (name, value) pairs; stored as sorted pairs so configs are hashable
     seed: int = 0
+    prefetch: PrefetchConfig | None = None
+    miss: str = "demand"
 
     def __post_init__(self):
+        if self.prefetch is not None and not isinstance(self.prefetch, PrefetchConfig):
+            raise ValueError(f"SimConfig.prefetch: expected a PrefetchConfig or None, got {self.prefetch!r}")
+        if self.miss not in MISS_MODES:
+            raise ValueError(f"SimConfig.miss: expected one of {', '.join(MISS_MODES)}, got {self.miss!r}")
         pairs = self.params.items() if isinstance(self.params, dict) else self.params
         object.__setattr__(self, "params", tuple(sorted((str(name), value) for name, value in pairs)))
         for field, value, low in (("capacity", self.capacity, 1), ("seed", self.seed, 0)):
@@ -143,10 +161,24 @@ class SimResult:
     evictions: int
     requests_per_layer: np.ndarray
     hits_per_layer: np.ndarray
+    prefetches: int = 0  # experts transferred by the prefetch phases
+    prefetch_hits: int = 0  # requests that hit a prefetched expert before any other request used it
+    wasted_prefetches: int = 0  # prefetched experts evicted before any request used them
 
     @property
     def misses(self) -> int:
         return self.requests - self.hits
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Share of prefetches that a request used; NaN without prefetches."""
+        return self.prefetch_hits / self.prefetches if self.prefetches else float("nan")
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Share of the requests not already cached that prefetching supplied: prefetch hits / (prefetch hits + misses)."""
+        covered = self.prefetch_hits + self.misses
+        return self.prefetch_hits / covered if covered else float("nan")
 
     @property
     def hit_rate(self) -> float:
@@ -188,14 +220,22 @@ def run_sweep(
     record_events: bool = False,
     unroll: int = 1,
     stack_lru: bool = True,
+    train_fraction: float = DEFAULT_TRAIN_FRACTION,
+    score_tables: Mapping[str, np.ndarray] | None = None,
 ) -> list[SimResult] | tuple[list[SimResult], dict[SimConfig, Any]]:
-    """Simulate every configuration; one compiled, vmapped call per policy.
+    """Simulate every configuration; one compiled, vmapped call per group of configurations.
 
-    LRU without event recording runs as one stack-distance pass for all its capacities, unless
-    `stack_lru` is False (then it takes the generic scan, like every other policy).
+    LRU without event recording, prefetching or host misses runs as one stack-distance pass for all its
+    capacities, unless `stack_lru` is False (then it takes the generic scan, like every other policy).
+
+    Prefetching needs a Trace (not StepRequests) and `global` scope. `train_fraction` is the share of
+    passes on which trained prefetchers (co-occurrence, top-k, score) estimate their tables;
+    `score_tables` supplies tables by prefetcher name (required for `learned`, see
+    `specmd_jax.prefetch.registry.build_score_table`).
 
     Raises `CapacityError` if any capacity is infeasible (check with `check_capacity` first to skip).
-    With `record_events`, also return each configuration's `StepEvents` as numpy arrays [T, L, R].
+    With `record_events`, also return each configuration's events as numpy arrays [T, L, ...]:
+    `StepEvents`, or `PrefetchEvents` for configurations with a prefetcher or host misses.
     """
     check_scope(scope)
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
@@ -210,42 +250,135 @@ def run_sweep(
     configs = list(configs)
     for config in configs:
         check_capacity(config.capacity, scope, requests)
+        if _uses_prefetch_scan(config):
+            if scope != "global":
+                raise ValueError(
+                    f"configuration {config.label}: prefetching and host misses are simulated in global scope "
+                    f"only, got scope '{scope}'"
+                )
+            if not isinstance(trace, Trace):
+                raise ValueError(f"configuration {config.label}: prefetching needs the Trace, not StepRequests")
 
     experts = jnp.asarray(requests.experts)
     next_step = jnp.asarray(requests.next_step)
-    by_policy: dict[str, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for index, config in enumerate(configs):
-        by_policy.setdefault(config.policy, []).append(index)
+        groups.setdefault(_group_key(config), []).append(index)
 
+    prefetch_inputs = _PrefetchInputs(trace, requests, train_fraction, score_tables) if isinstance(trace, Trace) else None
     results: list[SimResult | None] = [None] * len(configs)
     events_by_config: dict[SimConfig, Any] = {}
-    for name, indices in by_policy.items():
+    for key, indices in groups.items():
+        name = key[0]
         policy = get_policy(name)
         group = [configs[i] for i in indices]
         params = _stack([_policy_params(config) for config in group])
         capacities = jnp.asarray([pool_capacity(c.capacity, scope, requests.num_layers) for c in group], jnp.int32)
         seeds = jnp.asarray([c.seed for c in group], jnp.int32)
-        logger.info("simulating %d configurations of %s (%s scope)", len(group), name, scope)
-        if name == "lru" and not record_events and stack_lru:
+        prefetch_totals = None
+        if len(key) > 1:
+            logger.info("simulating %d configurations of %s with prefetcher %s (lookahead %s, %s misses)", len(group), *key)
+            totals, prefetch_totals, events = _run_prefetch_group(
+                policy, group, params, capacities, seeds, experts, next_step, prefetch_inputs, key,
+                num_experts=num_experts, record_events=record_events, unroll=unroll,
+            )
+        elif name == "lru" and not record_events and stack_lru:
+            logger.info("simulating %d configurations of %s (%s scope)", len(group), name, scope)
             # Exact for every capacity in one pass (see specmd_jax.sim.stack); tests compare both paths.
             totals, events = simulate_lru_stack(capacities, experts, scope=scope, num_experts=num_experts), None
         else:
+            logger.info("simulating %d configurations of %s (%s scope)", len(group), name, scope)
             params, capacities, seeds = _spread_over_devices((params, capacities, seeds), len(group))
             totals, events = simulate_batch(
                 policy, params, capacities, seeds, experts, next_step,
                 scope=scope, num_experts=num_experts, record_events=record_events, unroll=unroll,
             )
         totals = jax.device_get(totals)
+        prefetch_totals = jax.device_get(prefetch_totals)
         for position, index in enumerate(indices):
             effective = pool_capacity(configs[index].capacity, scope, requests.num_layers)
             if scope == "per-layer":
                 effective *= requests.num_layers
-            results[index] = _result(configs[index], scope, effective, totals, position)
+            results[index] = _result(configs[index], scope, effective, totals, position, prefetch_totals)
             if record_events:
                 events_by_config[configs[index]] = jax.tree.map(lambda leaf: np.asarray(leaf[position]), events)
     if record_events:
         return results, events_by_config
     return results
+
+
+def _uses_prefetch_scan(config: SimConfig) -> bool:
+    return config.prefetch is not None or config.miss != "demand"
+
+
+def _group_key(config: SimConfig) -> tuple:
+    """Configurations with equal keys share one compiled call."""
+    if not _uses_prefetch_scan(config):
+        return (config.policy,)
+    if config.prefetch is None:
+        return (config.policy, "none", 1, config.miss)
+    return (config.policy, config.prefetch.name, config.prefetch.lookahead, config.miss)
+
+
+class _PrefetchInputs:
+    """Score tables and the next-request table of one trace, built on first use and shared by all groups."""
+
+    def __init__(self, trace: Trace, requests: StepRequests, train_fraction: float, score_tables):
+        self.trace = trace
+        self.requests = requests
+        self.train_fraction = train_fraction
+        self.score_tables = score_tables
+        self._presence = None
+        self._next_use = None
+        self._tables: dict[tuple[str, int], jax.Array] = {}
+
+    @property
+    def presence(self) -> np.ndarray:
+        if self._presence is None:
+            self._presence = request_presence(self.trace)
+        return self._presence
+
+    def next_use(self) -> jax.Array:
+        if self._next_use is None:
+            self._next_use = jnp.asarray(next_request_table(self.presence))
+        return self._next_use
+
+    def table(self, name: str, lookahead: int) -> jax.Array:
+        key = (name, lookahead)
+        if key not in self._tables:
+            T, L, E = self.presence.shape
+            if name == "none":
+                table = np.zeros((T, L, 1, E), np.float32)
+            else:
+                table = build_score_table(
+                    self.trace, self.presence, PREFETCHERS[name], lookahead,
+                    train_fraction=self.train_fraction, score_tables=self.score_tables,
+                )
+            self._tables[key] = jnp.asarray(table.reshape(T * L, table.shape[2], E))
+        return self._tables[key]
+
+
+def _run_prefetch_group(policy, group, params, capacities, seeds, experts, next_step, inputs, key, *, num_experts, record_events, unroll):
+    _, name, lookahead, miss = key
+    trace_top_k = inputs.trace.metadata.top_k
+    max_requests = inputs.requests.max_requests
+    prefetch_configs = [config.prefetch or PrefetchConfig("oracle", budget=0) for config in group]
+    resolved = [resolved_params(config, trace_top_k, max_requests) for config in prefetch_configs]
+    if name == "none":
+        resolved = [(1, 1.0, 0) for _ in group]
+    prefetch_params = PrefetchParams(
+        top_k=jnp.asarray([r[0] for r in resolved], jnp.int32),
+        threshold=jnp.asarray([r[1] for r in resolved], jnp.float32),
+        budget=jnp.asarray([r[2] for r in resolved], jnp.int32),
+    )
+    max_budget = max(1, max(r[2] for r in resolved))
+    selection = "all" if name == "none" else PREFETCHERS[name].selection
+    return simulate_prefetch_batch(
+        policy, params, prefetch_params, capacities, seeds, experts, next_step,
+        inputs.table(name, lookahead), inputs.next_use(),
+        num_experts=num_experts, selection=selection, max_budget=max_budget, miss_mode=miss,
+        record_events=record_events, unroll=unroll,
+    )
 
 
 def _spread_over_devices(batch, num_configs: int):
@@ -265,7 +398,14 @@ def _spread_over_devices(batch, num_configs: int):
     return jax.device_put(batch, sharding)
 
 
-def _result(config: SimConfig, scope: str, effective: int, totals: SweepTotals, position: int) -> SimResult:
+def _result(config: SimConfig, scope: str, effective: int, totals: SweepTotals, position: int, prefetch_totals=None) -> SimResult:
+    prefetch = {}
+    if prefetch_totals is not None:
+        prefetch = {
+            "prefetches": int(prefetch_totals.prefetches[position]),
+            "prefetch_hits": int(prefetch_totals.prefetch_hits[position]),
+            "wasted_prefetches": int(prefetch_totals.wasted[position]),
+        }
     return SimResult(
         config=config,
         scope=scope,
@@ -278,4 +418,5 @@ def _result(config: SimConfig, scope: str, effective: int, totals: SweepTotals, 
         evictions=int(totals.evictions[position]),
         requests_per_layer=np.asarray(totals.requests_per_layer[position]),
         hits_per_layer=np.asarray(totals.hits_per_layer[position]),
+        **prefetch,
     )

@@ -1,8 +1,9 @@
-"""Command-line interface: `specmd-jax simulate`, `specmd-jax traces {stats,convert}` and `specmd-jax record`."""
+"""Command-line interface: `specmd-jax simulate`, `specmd-jax traces {stats,convert}`, `specmd-jax record` and `specmd-jax generate`."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import sys
@@ -122,9 +123,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elif args.model is not None:
         raise ValueError("--model sets the model shape of the timing model; give --hardware too")
 
+    prefetchers = parse_prefetch_options(args)
+    if (any(prefetchers) or args.miss != "demand") and args.scope != "global":
+        raise ValueError(f"--prefetch and --miss host are simulated in global scope only, got --scope {args.scope}")
+    check_output_path(args.plot, "--plot")
+
     trace = load_any(args.trace)
     print(_describe(trace))
-    print(f"scope: {args.scope}")
+    print(f"scope: {args.scope}" + (f", misses: {args.miss}" if args.miss != "demand" else ""))
     model = None
     if hardware is not None:
         from specmd_jax.study import model_shape_for
@@ -133,6 +139,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     rows, skipped = run_study(
         trace, policies, capacities, scope=args.scope, grid=grid, seeds=seeds,
         unroll=args.unroll, progress=not args.quiet, hardware=hardware, model=model,
+        prefetchers=prefetchers, miss=args.miss, train_fraction=args.train_fraction,
     )
     print(format_table(rows, skipped))
     if not rows:
@@ -140,7 +147,64 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.out:
         write_csv(rows, args.out)
         print(f"wrote {len(rows)} rows to {args.out}")
+    if args.plot:
+        from specmd_jax.plot import plot_rows
+
+        plot_rows(rows, args.plot)
+        print(f"wrote the plot to {args.plot}")
     return 0
+
+
+def _parse_ints(text: str, option: str, low: int) -> list[int]:
+    values = []
+    for item in _parse_list(text, option):
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"invalid {option} value '{item}': expected an integer >= {low}") from None
+        if value < low:
+            raise ValueError(f"invalid {option} value '{item}': expected an integer >= {low}")
+        values.append(value)
+    return values
+
+
+def parse_prefetch_options(args: argparse.Namespace) -> list:
+    """Return the prefetch configurations of --prefetch x --lookahead x --budget x --top-k x --threshold.
+
+    None stands for no prefetching. A parameter multiplies only the prefetchers that use it: --top-k
+    the top-k selections, --threshold the mass selection.
+    """
+    from specmd_jax.prefetch.registry import PREFETCHER_NAMES, PREFETCHERS, PrefetchConfig
+
+    names = _parse_list(args.prefetch, "--prefetch")
+    unknown = [name for name in names if name not in PREFETCHER_NAMES]
+    if unknown:
+        raise ValueError(f"invalid --prefetch '{', '.join(unknown)}': expected names from {', '.join(PREFETCHER_NAMES)}")
+    lookaheads = _parse_ints(args.lookahead, "--lookahead", 1)
+    budgets = [None] if args.budget is None else _parse_ints(args.budget, "--budget", 0)
+    top_ks = [None] if args.top_k is None else _parse_ints(args.top_k, "--top-k", 1)
+    thresholds = [0.9]
+    if args.threshold is not None:
+        thresholds = []
+        for item in _parse_list(args.threshold, "--threshold"):
+            try:
+                value = float(item)
+            except ValueError:
+                value = float("nan")
+            if not 0 < value <= 1:
+                raise ValueError(f"invalid --threshold value '{item}': expected a number in (0, 1]")
+            thresholds.append(value)
+    configs: list = []
+    for name in names:
+        if name == "none":
+            configs.append(None)
+            continue
+        selection = PREFETCHERS[name].selection
+        for lookahead, budget in itertools.product(lookaheads, budgets):
+            for top_k in top_ks if selection == "top-k" else [None]:
+                for threshold in thresholds if selection == "mass" else [0.9]:
+                    configs.append(PrefetchConfig(name, lookahead=lookahead, top_k=top_k, threshold=threshold, budget=budget))
+    return configs
 
 
 def cmd_traces_stats(args: argparse.Namespace) -> int:
@@ -202,6 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="model shape for the timing model; it must have the trace's layers, experts and top-k "
         "(by default the one preset that does)",
     )
+    from specmd_jax.prefetch.registry import DEFAULT_TRAIN_FRACTION, PREFETCHER_NAMES
+    from specmd_jax.sim.prefetch import MISS_MODES
+
+    simulate.add_argument(
+        "--prefetch", default="none",
+        help=f"comma-separated prefetchers, from: {', '.join(PREFETCHER_NAMES)} (see docs/semantics.md); "
+        "rows also get the oracle bound (oracle prefetching with Belady eviction)",
+    )
+    simulate.add_argument("--lookahead", default="1", help="comma-separated lookaheads: layers ahead that a step prefetches for")
+    simulate.add_argument("--budget", help="comma-separated per-step prefetch budgets in experts (default: no limit)")
+    simulate.add_argument("--top-k", help="comma-separated experts per target layer for top-k prefetchers (default: the trace's top-k)")
+    simulate.add_argument("--threshold", help="comma-separated probability mass per target layer for the 'score' prefetcher (default 0.9)")
+    simulate.add_argument(
+        "--train-fraction", type=float, default=DEFAULT_TRAIN_FRACTION,
+        help="share of the passes on which trained prefetchers (top-k, score, co-occurrence) estimate their tables",
+    )
+    simulate.add_argument(
+        "--miss", choices=MISS_MODES, default="demand",
+        help="miss handling: load the expert on demand, or compute it on the host without loading it",
+    )
+    simulate.add_argument("--plot", help="write hit rate (and TPOT, with --hardware) against capacity per policy as PNG to this path")
     simulate.add_argument("--unroll", type=_positive_int, default=1, help="scan unroll factor (speed only)")
     simulate.add_argument("--quiet", action="store_true", help="hide the progress bar")
     simulate.set_defaults(handler=cmd_simulate)
@@ -222,9 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out", help="output .npz path")
     convert.set_defaults(handler=cmd_traces_convert)
 
+    from specmd_jax.predictor.cli import add_parsers as add_predictor_parsers
     from specmd_jax.record import add_record_parser
+    from specmd_jax.runtime.cli import add_parser as add_generate_parser
 
     add_record_parser(commands)
+    add_predictor_parsers(commands)
+    add_generate_parser(commands)
     return parser
 
 

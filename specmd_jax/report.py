@@ -36,8 +36,24 @@ CSV_COLUMNS = (
     "belady_tpot_s",
     "all_resident_tpot_s",
     "no_cache_tpot_s",
+    "prefetcher",
+    "miss_mode",
+    "prefetches",
+    "prefetch_hits",
+    "wasted_prefetches",
+    "prefetch_precision",
+    "prefetch_recall",
+    "bound_hit_rate",
+    "late_prefetches",
+    "demand_bytes",
+    "prefetch_bytes",
+    "bound_tpot_s",
+    "lru_tpot_s",
+    "tpot_reduction_vs_lru",
+    "tpot_reduction_vs_no_cache",
 )
-"""CSV columns; the timing ones (from `hardware` on) are empty unless a hardware preset was given."""
+"""CSV columns (documented in docs/report.md). The timing ones are empty unless a hardware preset was
+given, and `bound_*` unless a prefetcher was swept."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +66,34 @@ class ReportRow:
     belady_hit_rate: float
     timing: TimingResult | None = None
     belady_timing: TimingResult | None = None
+    bound: SimResult | None = None  # oracle prefetching with Belady eviction at the same capacity
+    bound_timing: TimingResult | None = None
+    baseline_timing: TimingResult | None = None  # LRU without prefetching at the same capacity
 
     @property
     def capacity_fraction(self) -> float:
         return self.result.config.capacity / self.total_experts
+
+    @property
+    def prefetcher(self) -> str:
+        prefetch = self.result.config.prefetch
+        return "none" if prefetch is None else prefetch.label
+
+    @property
+    def tpot_reduction_vs_lru(self) -> float | None:
+        """1 - TPOT / TPOT of LRU without prefetching; None without timing or TPOT."""
+        return _reduction(self.timing.tpot if self.timing else None, self.baseline_timing.tpot if self.baseline_timing else None)
+
+    @property
+    def tpot_reduction_vs_no_cache(self) -> float | None:
+        """1 - TPOT / TPOT with every requested expert transferred; None without timing or TPOT."""
+        return _reduction(self.timing.tpot if self.timing else None, self.timing.no_cache.tpot if self.timing else None)
+
+
+def _reduction(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or reference <= 0:
+        return None
+    return 1.0 - value / reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +108,18 @@ def _format_rate(value: float) -> str:
 
 def _milliseconds(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.1f}%"
+
+
+def _optional(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def _rate_or_empty(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.6f}"
 
 
 def _seconds(value: float | None) -> str:
@@ -94,13 +146,26 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
     """
     header = ("policy", "slots", "fraction", "used", "hit_rate", "compulsory", "capacity", "collision", "belady_bound")
     timed = bool(rows) and all(row.timing is not None for row in rows)
+    prefetched = any(row.result.config.prefetch is not None or row.result.config.miss != "demand" for row in rows)
+    bounded = any(row.bound is not None for row in rows)
+    if prefetched:
+        header = header[:1] + ("prefetch",) + header[1:] + ("pf_hits", "wasted", "precision", "recall")
+    if bounded:
+        header += ("bound",)
     if timed:
         header += ("ttft_ms", "tpot_ms", "stall_s", "belady_tpot_ms", "resident_tpot_ms", "no_cache_tpot_ms")
+        if prefetched:
+            header += ("late", "bound_tpot_ms", "vs_lru", "vs_no_cache")
     lines = [header]
     for row in rows:
         result = row.result
-        cells = (
+        policy_cell = (
             result.config.label if result.config.policy != "random" else f"{result.config.label}[seed={result.config.seed}]",
+        )
+        if prefetched:
+            miss = "" if result.config.miss == "demand" else f" [{result.config.miss} misses]"
+            policy_cell += (row.prefetcher + miss,)
+        cells = policy_cell + (
             str(result.config.capacity),
             f"{row.capacity_fraction:.4f}",
             str(result.effective_capacity),
@@ -110,7 +175,26 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
             str(result.collision_misses),
             _format_rate(row.belady_hit_rate),
         )
-        lines.append(cells + (_timing_cells(row) if timed else ()))
+        if prefetched:
+            if result.config.prefetch is None:
+                cells += ("-", "-", "-", "-")
+            else:
+                cells += (
+                    str(result.prefetch_hits), str(result.wasted_prefetches),
+                    _format_rate(result.prefetch_precision), _format_rate(result.prefetch_recall),
+                )
+        if bounded:
+            cells += (_format_rate(row.bound.hit_rate) if row.bound else "n/a",)
+        if timed:
+            cells += _timing_cells(row)
+            if prefetched:
+                cells += (
+                    str(row.timing.late_prefetches),
+                    _milliseconds(row.bound_timing.tpot if row.bound_timing else None),
+                    _percent(row.tpot_reduction_vs_lru),
+                    _percent(row.tpot_reduction_vs_no_cache),
+                )
+        lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = [
         "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths)))
@@ -119,9 +203,13 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
     text.insert(1, "  ".join("-" * width for width in widths))
     for item in skipped:
         text.append(f"skipped capacity {item.capacity}: {item.reason}")
+    if bounded:
+        text.append("bound: hit rate of oracle prefetching with Belady eviction at the same capacity")
     if timed:
         first = rows[0].timing
         text.append(f"timing: hardware {first.hardware.name}, model {first.model.name}; ms per token, stall in seconds over the trace")
+        if prefetched:
+            text.append("vs_lru, vs_no_cache: TPOT reduction against LRU without prefetching and against no cache")
         if first.note:
             text.append(f"timing note: {first.note}")
     return "\n".join(text)
@@ -152,6 +240,7 @@ def write_csv(rows: Sequence[ReportRow], path: str | os.PathLike) -> None:
                 f"{row.belady_hit_rate:.6f}",
                 ";".join(f"{rate:.6f}" for rate in result.hit_rate_per_layer),
                 *_timing_csv(row),
+                *_prefetch_csv(row),
             ])
 
 
@@ -168,4 +257,29 @@ def _timing_csv(row: ReportRow) -> list[str]:
         _seconds(bound.tpot if bound else None),
         _seconds(timing.all_resident.tpot),
         _seconds(timing.no_cache.tpot),
+    ]
+
+
+def _prefetch_csv(row: ReportRow) -> list:
+    result, timing = row.result, row.timing
+    cells = [
+        row.prefetcher,
+        result.config.miss,
+        result.prefetches,
+        result.prefetch_hits,
+        result.wasted_prefetches,
+        _rate_or_empty(result.prefetch_precision),
+        _rate_or_empty(result.prefetch_recall),
+        f"{row.bound.hit_rate:.6f}" if row.bound else "",
+    ]
+    if timing is None:
+        return cells + [""] * 7
+    return cells + [
+        timing.late_prefetches,
+        timing.demand_bytes,
+        timing.prefetch_bytes,
+        _seconds(row.bound_timing.tpot if row.bound_timing else None),
+        _seconds(row.baseline_timing.tpot if row.baseline_timing else None),
+        _optional(row.tpot_reduction_vs_lru),
+        _optional(row.tpot_reduction_vs_no_cache),
     ]

@@ -1,7 +1,8 @@
-"""The main job as a function: a policy x capacity sweep with the Belady bound at every capacity.
+"""The main job as a function: a policy x prefetcher x capacity sweep with the bounds at every capacity.
 
 The CLI (`specmd-jax simulate`) and the notebooks call `run_study`. It turns user-level capacities into
-slot counts, skips infeasible ones with the reason, and pairs each result with Belady's hit rate.
+slot counts, skips infeasible ones with the reason, and pairs each result with Belady's hit rate and,
+when prefetchers are swept, the oracle bound (oracle prefetching with Belady eviction).
 """
 
 from __future__ import annotations
@@ -11,25 +12,35 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from specmd_jax.prefetch.registry import DEFAULT_TRAIN_FRACTION, PrefetchConfig
 from specmd_jax.report import ReportRow, SkippedCapacity
 from specmd_jax.sim.requests import build_requests
-from specmd_jax.sim.sweep import Capacity, CapacityError, SimConfig, check_capacity, run_sweep
+from specmd_jax.sim.sweep import Capacity, CapacityError, PrefetchInputs, SimConfig, check_capacity, run_sweep
 from specmd_jax.timing import MODEL_PRESETS, Hardware, ModelShape, TimingResult, estimate_timing, get_model_shape
 from specmd_jax.timing.estimate import check_model_matches
 from specmd_jax.traces.trace import Trace
 
 BOUND_POLICY = "belady"
+BOUND_PREFETCH = PrefetchConfig("oracle")
+BASELINE_POLICY = "lru"
 
 
-def build_configs(policies: Sequence[str], slots: Sequence[int], grid: dict[str, dict[str, list]], seeds: Sequence[int]) -> list[SimConfig]:
-    """List every (policy, hyper-parameter combination, seed, capacity); seeds only multiply `random`."""
+def build_configs(
+    policies: Sequence[str],
+    slots: Sequence[int],
+    grid: dict[str, dict[str, list]],
+    seeds: Sequence[int],
+    prefetchers: Sequence[PrefetchConfig | None] = (None,),
+    miss: str = "demand",
+) -> list[SimConfig]:
+    """List every (policy, hyper-parameter combination, seed, prefetcher, capacity); seeds only multiply `random`."""
     configs = []
     for policy in policies:
         names = sorted(grid.get(policy, {}))
         combos = list(itertools.product(*(grid[policy][name] for name in names))) if names else [()]
         policy_seeds = seeds if policy == "random" else [0]
-        for combo, seed, capacity in itertools.product(combos, policy_seeds, slots):
-            configs.append(SimConfig(policy, capacity, dict(zip(names, combo)), seed))
+        for combo, seed, prefetch, capacity in itertools.product(combos, policy_seeds, prefetchers, slots):
+            configs.append(SimConfig(policy, capacity, dict(zip(names, combo)), seed, prefetch=prefetch, miss=miss))
     return configs
 
 
@@ -71,13 +82,22 @@ def run_study(
     progress: bool = False,
     hardware: Hardware | None = None,
     model: ModelShape | None = None,
+    prefetchers: Sequence[PrefetchConfig | None] = (None,),
+    miss: str = "demand",
+    train_fraction: float = DEFAULT_TRAIN_FRACTION,
+    score_tables: dict | None = None,
 ) -> tuple[list[ReportRow], list[SkippedCapacity]]:
-    """Simulate every policy at every feasible capacity; return report rows and skipped capacities.
+    """Simulate every policy with every prefetcher at every feasible capacity; return report rows and skipped capacities.
 
     Capacities may be `Capacity` objects or their text form ("0.05" is a fraction, "96" a slot count).
-    Rows come in the order of `policies`, then by capacity. With `hardware` (and `model`, by default the
-    preset matching the trace), each row also gets its timing and Belady's timing. That records every
-    configuration's per-step events, which takes T x L x R x 5 bytes per configuration.
+    `prefetchers` lists PrefetchConfig entries, None meaning no prefetching; `miss` is the miss-handling
+    mode of every configuration. Rows come in the order of `policies`, then prefetchers, then by capacity.
+
+    Every row gets Belady's hit rate at its capacity (no prefetching) and, when a prefetcher is swept,
+    the oracle bound: oracle prefetching with Belady eviction. With `hardware` (and `model`, by default
+    the preset matching the trace), each row also gets its timing, the bounds' timing and LRU's without
+    prefetching. That records every configuration's per-step events, which takes about
+    T x L x (3R + 2B) x 4 bytes per configuration (B: the prefetch budget).
     """
     if hardware is not None and model is None:
         model = model_shape_for(trace, None)
@@ -85,6 +105,10 @@ def run_study(
     unselected = sorted(set(grid or {}) - set(policies))
     if unselected:
         raise ValueError(f"hyper-parameter grid for {unselected}, which are not among the policies {list(policies)}")
+    prefetchers = list(prefetchers) or [None]
+    prefetching = any(prefetch is not None for prefetch in prefetchers)
+    if (prefetching or miss != "demand") and scope != "global":
+        raise ValueError(f"prefetching and host misses are simulated in global scope only, got scope '{scope}'")
     requests = build_requests(trace)
 
     # Feasibility first: an infeasible capacity is reported and skipped, the others go on.
@@ -102,33 +126,46 @@ def run_study(
             continue
         slots.append(count)
 
-    configs = build_configs(policies, slots, grid or {}, seeds)
-    bound_configs = [SimConfig(BOUND_POLICY, count) for count in slots]
-    requested_configs = list(dict.fromkeys(configs + bound_configs))
+    configs = build_configs(policies, slots, grid or {}, seeds, prefetchers, miss)
+    belady = {count: SimConfig(BOUND_POLICY, count, miss=miss) for count in slots}
+    bound = {count: SimConfig(BOUND_POLICY, count, prefetch=BOUND_PREFETCH, miss=miss) for count in slots} if prefetching else {}
+    baseline = {count: SimConfig(BASELINE_POLICY, count, miss=miss) for count in slots} if hardware is not None else {}
+    requested = list(dict.fromkeys(configs + list(belady.values()) + list(bound.values()) + list(baseline.values())))
+
+    inputs = PrefetchInputs(trace, train_fraction=train_fraction, score_tables=score_tables, requests=requests)
+    group_keys = list(dict.fromkeys(_group_of(config) for config in requested))
     results = {}
-    groups = list(dict.fromkeys(config.policy for config in requested_configs))
     timings: dict[SimConfig, TimingResult] = {}
-    for name in tqdm(groups, desc="policies", unit="policy", disable=not progress or not requested_configs):
-        group = [config for config in requested_configs if config.policy == name]
+    for key in tqdm(group_keys, desc="groups", unit="group", disable=not progress or not requested):
+        group = [config for config in requested if _group_of(config) == key]
         if hardware is None:
-            group_results = run_sweep(requests, group, scope=scope, num_experts=trace.num_experts, unroll=unroll)
+            group_results = run_sweep(trace, group, scope=scope, unroll=unroll, prefetch_inputs=inputs)
         else:
-            group_results, events = run_sweep(
-                requests, group, scope=scope, num_experts=trace.num_experts, unroll=unroll, record_events=True
-            )
+            group_results, events = run_sweep(trace, group, scope=scope, unroll=unroll, record_events=True, prefetch_inputs=inputs)
             for config in group:
-                timings[config] = estimate_timing(trace, events[config], hardware, model)
+                timings[config] = estimate_timing(trace, events[config], hardware, model, miss=config.miss)
         results.update(zip(group, group_results))
 
     total_experts = trace.num_layers * trace.num_experts
-    bound = {config.capacity: results[config].hit_rate for config in bound_configs}
-    bound_timing = {config.capacity: timings.get(config) for config in bound_configs}
-    rows = [
-        ReportRow(
-            trace.name, results[config], total_experts, bound[config.capacity],
-            timing=timings.get(config), belady_timing=bound_timing[config.capacity],
-        )
-        for config in configs
-    ]
-    rows.sort(key=lambda row: (list(policies).index(row.result.config.policy), row.result.config.capacity))
+    rows = []
+    for config in configs:
+        count = config.capacity
+        rows.append(ReportRow(
+            trace.name, results[config], total_experts, results[belady[count]].hit_rate,
+            timing=timings.get(config),
+            belady_timing=timings.get(belady[count]),
+            bound=results[bound[count]] if bound else None,
+            bound_timing=timings.get(bound[count]) if bound else None,
+            baseline_timing=timings.get(baseline[count]) if baseline else None,
+        ))
+    prefetch_order = {prefetch: index for index, prefetch in enumerate(prefetchers)}
+    rows.sort(key=lambda row: (
+        list(policies).index(row.result.config.policy), prefetch_order[row.result.config.prefetch], row.result.config.capacity,
+    ))
     return rows, skipped
+
+
+def _group_of(config: SimConfig) -> tuple:
+    """Configurations that one run_sweep call simulates together (one progress-bar step)."""
+    prefetch = config.prefetch
+    return (config.policy, prefetch.name if prefetch else None, prefetch.lookahead if prefetch else 1, config.miss)

@@ -222,6 +222,7 @@ def run_sweep(
     stack_lru: bool = True,
     train_fraction: float = DEFAULT_TRAIN_FRACTION,
     score_tables: Mapping[str, np.ndarray] | None = None,
+    prefetch_inputs: PrefetchInputs | None = None,
 ) -> list[SimResult] | tuple[list[SimResult], dict[SimConfig, Any]]:
     """Simulate every configuration; one compiled, vmapped call per group of configurations.
 
@@ -231,7 +232,8 @@ def run_sweep(
     Prefetching needs a Trace (not StepRequests) and `global` scope. `train_fraction` is the share of
     passes on which trained prefetchers (co-occurrence, top-k, score) estimate their tables;
     `score_tables` supplies tables by prefetcher name (required for `learned`, see
-    `specmd_jax.prefetch.registry.build_score_table`).
+    `specmd_jax.prefetch.registry.build_score_table`). Several calls on one trace can share the score
+    tables through one `PrefetchInputs` (then `train_fraction` and `score_tables` are taken from it).
 
     Raises `CapacityError` if any capacity is infeasible (check with `check_capacity` first to skip).
     With `record_events`, also return each configuration's events as numpy arrays [T, L, ...]:
@@ -265,7 +267,8 @@ def run_sweep(
     for index, config in enumerate(configs):
         groups.setdefault(_group_key(config), []).append(index)
 
-    prefetch_inputs = _PrefetchInputs(trace, requests, train_fraction, score_tables) if isinstance(trace, Trace) else None
+    if prefetch_inputs is None and isinstance(trace, Trace):
+        prefetch_inputs = PrefetchInputs(trace, train_fraction=train_fraction, score_tables=score_tables, requests=requests)
     results: list[SimResult | None] = [None] * len(configs)
     events_by_config: dict[SimConfig, Any] = {}
     for key, indices in groups.items():
@@ -320,12 +323,19 @@ def _group_key(config: SimConfig) -> tuple:
     return (config.policy, config.prefetch.name, config.prefetch.lookahead, config.miss)
 
 
-class _PrefetchInputs:
+class PrefetchInputs:
     """Score tables and the next-request table of one trace, built on first use and shared by all groups."""
 
-    def __init__(self, trace: Trace, requests: StepRequests, train_fraction: float, score_tables):
+    def __init__(
+        self,
+        trace: Trace,
+        *,
+        train_fraction: float = DEFAULT_TRAIN_FRACTION,
+        score_tables: Mapping[str, np.ndarray] | None = None,
+        requests: StepRequests | None = None,
+    ):
         self.trace = trace
-        self.requests = requests
+        self.requests = build_requests(trace) if requests is None else requests
         self.train_fraction = train_fraction
         self.score_tables = score_tables
         self._presence = None

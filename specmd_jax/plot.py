@@ -1,0 +1,60 @@
+"""PNG plots of a study: hit rate, and TPOT when timed, against capacity, one line per policy and prefetcher."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from specmd_jax.report import ReportRow
+
+
+def _series_label(row: ReportRow) -> str:
+    config = row.result.config
+    label = config.label if config.policy != "random" else f"{config.label}[seed={config.seed}]"
+    if config.prefetch is not None:
+        label += f" + {row.prefetcher}"
+    if config.miss != "demand":
+        label += f" ({config.miss} misses)"
+    return label
+
+
+def plot_rows(rows: Sequence[ReportRow], path: str | os.PathLike) -> None:
+    """Write the plot of `rows` to `path` (PNG); raise ValueError when there are no rows."""
+    if not rows:
+        raise ValueError("no rows to plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[ReportRow]] = {}
+    for row in rows:
+        series.setdefault(_series_label(row), []).append(row)
+    timed = all(row.timing is not None and row.timing.tpot is not None for row in rows)
+    panels = 2 if timed else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    hit_axis = axes[0][0]
+    for label, points in series.items():
+        points = sorted(points, key=lambda row: row.result.config.capacity)
+        fractions = [row.capacity_fraction for row in points]
+        hit_axis.plot(fractions, [row.result.hit_rate for row in points], marker="o", label=label)
+        if timed:
+            axes[0][1].plot(fractions, [row.timing.tpot * 1e3 for row in points], marker="o", label=label)
+
+    bound_points = sorted({(row.capacity_fraction, row.bound.hit_rate) for row in rows if row.bound is not None})
+    if bound_points:
+        hit_axis.plot(*zip(*bound_points), linestyle="--", color="black", label="bound: oracle prefetch + Belady")
+    hit_axis.set_xlabel("capacity (fraction of all experts)")
+    hit_axis.set_ylabel("hit rate")
+    hit_axis.set_title(rows[0].trace)
+    hit_axis.legend(fontsize="small")
+    if timed:
+        tpot_axis = axes[0][1]
+        timing = rows[0].timing
+        tpot_axis.set_xlabel("capacity (fraction of all experts)")
+        tpot_axis.set_ylabel("TPOT (ms)")
+        tpot_axis.set_title(f"{timing.hardware.name}, {timing.model.name}")
+        tpot_axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

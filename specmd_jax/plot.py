@@ -30,16 +30,30 @@ def plot_rows(rows: Sequence[ReportRow], path: str | os.PathLike) -> None:
     series: dict[str, list[ReportRow]] = {}
     for row in rows:
         series.setdefault(_series_label(row), []).append(row)
+    # Colour by prefetcher, line style and marker by eviction policy, so series stay apart.
+    prefetchers = list(dict.fromkeys(row.prefetcher for row in rows))
+    policies = list(dict.fromkeys(row.result.config.policy for row in rows))
+    colours = plt.get_cmap("tab10").colors
+    styles = ("-", "--", ":", "-.")
+    markers = ("o", "s", "^", "D", "v", "P", "X", "*")
+
     timed = all(row.timing is not None and row.timing.tpot is not None for row in rows)
     panels = 2 if timed else 1
-    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels + 3.5, 4.5), squeeze=False)
     hit_axis = axes[0][0]
     for label, points in series.items():
         points = sorted(points, key=lambda row: row.result.config.capacity)
         fractions = [row.capacity_fraction for row in points]
-        hit_axis.plot(fractions, [row.result.hit_rate for row in points], marker="o", label=label)
+        policy_index = policies.index(points[0].result.config.policy)
+        style = {
+            "color": colours[prefetchers.index(points[0].prefetcher) % len(colours)],
+            "linestyle": styles[policy_index % len(styles)],
+            "marker": markers[policy_index % len(markers)],
+            "label": label,
+        }
+        hit_axis.plot(fractions, [row.result.hit_rate for row in points], **style)
         if timed:
-            axes[0][1].plot(fractions, [row.timing.tpot * 1e3 for row in points], marker="o", label=label)
+            axes[0][1].plot(fractions, [row.timing.tpot * 1e3 for row in points], **style)
 
     bound_points = sorted({(row.capacity_fraction, row.bound.hit_rate) for row in rows if row.bound is not None})
     if bound_points:
@@ -47,14 +61,13 @@ def plot_rows(rows: Sequence[ReportRow], path: str | os.PathLike) -> None:
     hit_axis.set_xlabel("capacity (fraction of all experts)")
     hit_axis.set_ylabel("hit rate")
     hit_axis.set_title(rows[0].trace)
-    hit_axis.legend(fontsize="small")
     if timed:
         tpot_axis = axes[0][1]
         timing = rows[0].timing
         tpot_axis.set_xlabel("capacity (fraction of all experts)")
         tpot_axis.set_ylabel("TPOT (ms)")
         tpot_axis.set_title(f"{timing.hardware.name}, {timing.model.name}")
-        tpot_axis.legend(fontsize="small")
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

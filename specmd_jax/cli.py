@@ -119,7 +119,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.hardware is not None:
         from specmd_jax.timing import get_hardware
 
-        hardware = get_hardware(args.hardware)
+        hardware = [get_hardware(name) for name in _parse_list(args.hardware, "--hardware")]
     elif args.model is not None:
         raise ValueError("--model sets the model shape of the timing model; give --hardware too")
 
@@ -258,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seeds", default="0", help="comma-separated seeds for the random policy")
     simulate.add_argument("--out", help="write the results as CSV to this path")
     simulate.add_argument(
-        "--hardware", choices=sorted(HARDWARE_PRESETS),
-        help="add TTFT, TPOT and stall time from the timing model for this hardware preset",
+        "--hardware",
+        help="add TTFT, TPOT and stall time from the timing model for these comma-separated hardware presets, "
+        f"from: {', '.join(sorted(HARDWARE_PRESETS))}",
     )
     simulate.add_argument(
         "--model", choices=sorted(MODEL_PRESETS),

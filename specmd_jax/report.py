@@ -51,6 +51,7 @@ CSV_COLUMNS = (
     "lru_tpot_s",
     "tpot_reduction_vs_lru",
     "tpot_reduction_vs_no_cache",
+    "substitutions",
 )
 """CSV columns (documented in docs/report.md). The timing ones are empty unless a hardware preset was
 given, and `bound_*` unless a prefetcher was swept."""
@@ -150,8 +151,14 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
     bounded = any(row.bound is not None for row in rows)
     if prefetched:
         header = header[:1] + ("prefetch",) + header[1:] + ("pf_hits", "wasted", "precision", "recall")
+    substituted = any(row.result.config.miss == "substitute" for row in rows)
+    if substituted:
+        header += ("substituted",)
     if bounded:
         header += ("bound",)
+    several_hardware = timed and len({row.timing.hardware.name for row in rows}) > 1
+    if several_hardware:
+        header = ("hardware",) + header
     if timed:
         header += ("ttft_ms", "tpot_ms", "stall_s", "belady_tpot_ms", "resident_tpot_ms", "no_cache_tpot_ms")
         if prefetched:
@@ -159,7 +166,8 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
     lines = [header]
     for row in rows:
         result = row.result
-        policy_cell = (
+        policy_cell = (row.timing.hardware.name,) if several_hardware else ()
+        policy_cell += (
             result.config.label if result.config.policy != "random" else f"{result.config.label}[seed={result.config.seed}]",
         )
         if prefetched:
@@ -183,6 +191,8 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
                     str(result.prefetch_hits), str(result.wasted_prefetches),
                     _format_rate(result.prefetch_precision), _format_rate(result.prefetch_recall),
                 )
+        if substituted:
+            cells += (str(result.substitutions),)
         if bounded:
             cells += (_format_rate(row.bound.hit_rate) if row.bound else "n/a",)
         if timed:
@@ -207,7 +217,8 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
         text.append("bound: hit rate of oracle prefetching with Belady eviction at the same capacity")
     if timed:
         first = rows[0].timing
-        text.append(f"timing: hardware {first.hardware.name}, model {first.model.name}; ms per token, stall in seconds over the trace")
+        hardware_names = ", ".join(dict.fromkeys(row.timing.hardware.name for row in rows))
+        text.append(f"timing: hardware {hardware_names}, model {first.model.name}; ms per token, stall in seconds over the trace")
         if prefetched:
             text.append("vs_lru, vs_no_cache: TPOT reduction against LRU without prefetching and against no cache")
         if first.note:
@@ -273,7 +284,7 @@ def _prefetch_csv(row: ReportRow) -> list:
         f"{row.bound.hit_rate:.6f}" if row.bound else "",
     ]
     if timing is None:
-        return cells + [""] * 7
+        return cells + [""] * 7 + [result.substitutions]
     return cells + [
         timing.late_prefetches,
         timing.demand_bytes,
@@ -282,4 +293,5 @@ def _prefetch_csv(row: ReportRow) -> list:
         _seconds(row.baseline_timing.tpot if row.baseline_timing else None),
         _optional(row.tpot_reduction_vs_lru),
         _optional(row.tpot_reduction_vs_no_cache),
+        result.substitutions,
     ]

@@ -80,7 +80,7 @@ def run_study(
     seeds: Sequence[int] = (0,),
     unroll: int = 1,
     progress: bool = False,
-    hardware: Hardware | None = None,
+    hardware: Hardware | Sequence[Hardware] | None = None,
     model: ModelShape | None = None,
     prefetchers: Sequence[PrefetchConfig | None] = (None,),
     miss: str = "demand",
@@ -94,12 +94,17 @@ def run_study(
     mode of every configuration. Rows come in the order of `policies`, then prefetchers, then by capacity.
 
     Every row gets Belady's hit rate at its capacity (no prefetching) and, when a prefetcher is swept,
-    the oracle bound: oracle prefetching with Belady eviction. With `hardware` (and `model`, by default
-    the preset matching the trace), each row also gets its timing, the bounds' timing and LRU's without
-    prefetching. That records every configuration's per-step events, which takes about
-    T x L x (3R + 2B) x 4 bytes per configuration (B: the prefetch budget).
+    the oracle bound: oracle prefetching with Belady eviction. With `hardware` (one preset or several;
+    `model` defaults to the preset matching the trace), each configuration gets one row per hardware
+    with its timing, the bounds' timing and LRU's without prefetching. That records every
+    configuration's per-step events, which takes about T x L x (3R + 2B) x 4 bytes per configuration
+    (B: the prefetch budget).
     """
-    if hardware is not None and model is None:
+    hardwares = [] if hardware is None else [hardware] if isinstance(hardware, Hardware) else list(hardware)
+    names = [item.name for item in hardwares]
+    if len(set(names)) != len(names):
+        raise ValueError(f"hardware presets listed more than once: {names}")
+    if hardwares and model is None:
         model = model_shape_for(trace, None)
     parsed = [c if isinstance(c, Capacity) else Capacity.parse(str(c)) for c in capacities]
     unselected = sorted(set(grid or {}) - set(policies))
@@ -129,38 +134,44 @@ def run_study(
     configs = build_configs(policies, slots, grid or {}, seeds, prefetchers, miss)
     belady = {count: SimConfig(BOUND_POLICY, count, miss=miss) for count in slots}
     bound = {count: SimConfig(BOUND_POLICY, count, prefetch=BOUND_PREFETCH, miss=miss) for count in slots} if prefetching else {}
-    baseline = {count: SimConfig(BASELINE_POLICY, count, miss=miss) for count in slots} if hardware is not None else {}
+    baseline = {count: SimConfig(BASELINE_POLICY, count, miss=miss) for count in slots} if hardwares else {}
     requested = list(dict.fromkeys(configs + list(belady.values()) + list(bound.values()) + list(baseline.values())))
 
     inputs = PrefetchInputs(trace, train_fraction=train_fraction, score_tables=score_tables, requests=requests)
     group_keys = list(dict.fromkeys(_group_of(config) for config in requested))
     results = {}
-    timings: dict[SimConfig, TimingResult] = {}
+    timings: dict[tuple[SimConfig, str], TimingResult] = {}
     for key in tqdm(group_keys, desc="groups", unit="group", disable=not progress or not requested):
         group = [config for config in requested if _group_of(config) == key]
-        if hardware is None:
+        if not hardwares:
             group_results = run_sweep(trace, group, scope=scope, unroll=unroll, prefetch_inputs=inputs)
         else:
             group_results, events = run_sweep(trace, group, scope=scope, unroll=unroll, record_events=True, prefetch_inputs=inputs)
             for config in group:
-                timings[config] = estimate_timing(trace, events[config], hardware, model, miss=config.miss)
+                for item in hardwares:
+                    timings[config, item.name] = estimate_timing(trace, events[config], item, model, miss=config.miss)
         results.update(zip(group, group_results))
 
     total_experts = trace.num_layers * trace.num_experts
     rows = []
     for config in configs:
         count = config.capacity
-        rows.append(ReportRow(
-            trace.name, results[config], total_experts, results[belady[count]].hit_rate,
-            timing=timings.get(config),
-            belady_timing=timings.get(belady[count]),
-            bound=results[bound[count]] if bound else None,
-            bound_timing=timings.get(bound[count]) if bound else None,
-            baseline_timing=timings.get(baseline[count]) if baseline else None,
-        ))
+        for name in names or [None]:
+            rows.append(ReportRow(
+                trace.name, results[config], total_experts, results[belady[count]].hit_rate,
+                timing=timings.get((config, name)),
+                belady_timing=timings.get((belady[count], name)),
+                bound=results[bound[count]] if bound else None,
+                bound_timing=timings.get((bound[count], name)) if bound else None,
+                baseline_timing=timings.get((baseline[count], name)) if baseline else None,
+            ))
     prefetch_order = {prefetch: index for index, prefetch in enumerate(prefetchers)}
+    hardware_order = {name: index for index, name in enumerate(names)}
     rows.sort(key=lambda row: (
-        list(policies).index(row.result.config.policy), prefetch_order[row.result.config.prefetch], row.result.config.capacity,
+        hardware_order.get(row.timing.hardware.name, 0) if row.timing else 0,
+        list(policies).index(row.result.config.policy),
+        prefetch_order[row.result.config.prefetch],
+        row.result.config.capacity,
     ))
     return rows, skipped
 

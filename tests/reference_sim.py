@@ -426,11 +426,13 @@ class Pool:
         self.current_pass: int | None = None
 
     def run_step(
-        self, pass_index: int, step: int, requested: list[int], insert_misses: bool = True
+        self, pass_index: int, step: int, requested: list[int], insert_misses: bool = True, used: list[int] | None = None
     ) -> tuple[list[int], list[int]]:
         """Process one step's requests (flat ids, ascending) and return (outcome per request, victims).
 
         insert_misses=False computes the misses on the host: they are counted but never inserted.
+        `used` (ascending) replaces the requests for everything but the outcomes and the seen set: the
+        items the step really computes with when substitutes replace misses.
         """
         self.policy.phase = 0
         if self.current_pass != pass_index:
@@ -451,6 +453,10 @@ class Pool:
             else:
                 outcomes.append(OUTCOME_CAPACITY)
 
+        if used is not None:
+            requested_set = set(used)
+            hits = [item for item in used if item in self.resident]
+            misses = [item for item in used if item not in self.resident]
         for item in hits:
             self.policy.on_hit(item, step)
         if not insert_misses:
@@ -621,6 +627,7 @@ class PrefetchReferenceResult:
     prefetched: list[list[int]]  # per global step, flat ids in issue order
     prefetch_victims: list[list[int]]  # per global step, ascending
     prefetch_source: np.ndarray  # int32 [T, L, R], issuing step of each prefetch hit, else -1
+    substitutes: np.ndarray  # int32 [T, L, R], the flat id that replaced each missed slot, else -1
 
 
 def select_prefetch(scores, step, num_layers, num_steps, selection, top_k, threshold):
@@ -668,8 +675,14 @@ def simulate_prefetch(
     seed: int = 0,
     order: str = "victims-first",
     miss_mode: str = "demand",
+    router_scores: np.ndarray | None = None,
+    substitute_candidates: int = 0,
 ) -> PrefetchReferenceResult:
-    """Simulate one configuration with a prefetcher whose score table is `scores` [T, L, D, E] (global scope)."""
+    """Simulate one configuration with a prefetcher whose score table is `scores` [T, L, D, E] (global scope).
+
+    Miss mode "substitute" replaces misses, in ascending expert id, by the resident, unrequested experts
+    among the `substitute_candidates` that `router_scores` [T, L, E] ranks highest (ties to the smaller id).
+    """
     num_passes, num_layers, num_experts = trace.num_passes, trace.num_layers, trace.num_experts
     num_steps = num_passes * num_layers
     requests = step_requests(trace)
@@ -698,6 +711,7 @@ def simulate_prefetch(
     requests_per_layer = np.zeros(num_layers, np.int64)
     hits_per_layer = np.zeros(num_layers, np.int64)
     prefetched, prefetch_victims = [], []
+    substitutes = np.full((num_passes, num_layers, max_requests), -1, np.int32)
     prefetch_hits = wasted = evictions = 0
     for p in range(num_passes):
         for layer in range(num_layers):
@@ -707,7 +721,24 @@ def simulate_prefetch(
                 if item in pool.resident and item in pending:
                     source[p, layer, slot] = pending[item][1]
                     prefetch_hits += 1
-            step_outcomes, step_victims = pool.run_step(p, step, flat_ids, insert_misses=miss_mode == "demand")
+            used = None
+            if miss_mode == "substitute":
+                row = [(-float(router_scores[p, layer, e]), e) for e in range(num_experts)]
+                ranked = [layer * num_experts + e for _, e in sorted(row)[:substitute_candidates]]
+                free = [item for item in ranked if item in pool.resident and item not in flat_ids]
+                used = [item for item in flat_ids if item in pool.resident]
+                for slot, item in enumerate(flat_ids):
+                    if item in pool.resident:
+                        continue
+                    if free:
+                        substitutes[p, layer, slot] = free.pop(0)
+                        used.append(int(substitutes[p, layer, slot]))
+                    else:
+                        used.append(item)
+                used.sort()
+            step_outcomes, step_victims = pool.run_step(
+                p, step, flat_ids, insert_misses=miss_mode != "host", used=used
+            )
             for item in flat_ids + step_victims:
                 if item in pending:
                     wasted += item in step_victims
@@ -717,7 +748,7 @@ def simulate_prefetch(
             evictions += len(step_victims)
 
             selected = select_prefetch(scores[p, layer], step, num_layers, num_steps, selection, top_k, threshold)
-            protected = set(flat_ids) | {item for item, (target, _) in pending.items() if target > step}
+            protected = set(flat_ids) | set(used or []) | {item for item, (target, _) in pending.items() if target > step}
             protected |= {item for _, _, item, _ in selected if item in pool.resident}
             open_ = [(item, target) for _, _, item, target in selected if item not in pool.resident][:budget]
             room = capacity_slots - len(pool.resident) + len(pool.resident - protected)
@@ -757,4 +788,5 @@ def simulate_prefetch(
         prefetched=prefetched,
         prefetch_victims=prefetch_victims,
         prefetch_source=source,
+        substitutes=substitutes,
     )

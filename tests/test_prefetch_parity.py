@@ -7,6 +7,7 @@ in issue order and the source of every prefetch hit must be equal step for step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -16,7 +17,8 @@ import reference_sim as reference
 from specmd_jax.policies import policy_names
 from specmd_jax.prefetch.registry import PrefetchConfig
 from specmd_jax.sim import SimConfig, run_sweep
-from specmd_jax.sim.requests import request_presence
+from specmd_jax.sim.requests import mean_router_probabilities, request_presence
+from specmd_jax.sim.sweep import SUBSTITUTE_CANDIDATES_PER_TOP_K
 from specmd_jax.traces.flame import load_flame_npz
 from test_reference_parity import RANDOM_SEEDS, cached_random_trace, first_passes, policy_variants
 
@@ -135,3 +137,31 @@ def test_flame_prefix_prefetch(flame_npz, policy):
             trace, policy, 24, table, config.prefetch.prefetcher.selection, top_k=top_k, budget=budget,
         )
         assert_prefetch_equal(trace, expected, result, events, f"flame {policy} {case}")
+
+
+def with_router_logits(trace, seed: int):
+    """Return `trace` with random router logits in multiples of 1/4 (many ties), NaN in missing cells."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.integers(-8, 8, (trace.num_tokens, trace.num_layers, trace.num_experts)) / 4).astype(np.float32)
+    logits[trace.missing] = np.nan
+    return dataclasses.replace(trace, router_logits=logits)
+
+
+@pytest.mark.parametrize("policy", ("lru", "least-stale", "belady", "s3fifo"))
+def test_substitute_misses_match_reference(policy):
+    for seed in RANDOM_SEEDS[:2]:
+        trace = with_router_logits(cached_random_trace(seed), seed)
+        router = mean_router_probabilities(trace)
+        # A zero budget (no prefetching, so many misses), then a random learned table.
+        for case in (("oracle", 1, 0, None, 0.9), PREFETCH_CASES[2]):
+            config, table, result, events, top_k, budget = run_case(trace, policy, 7, case, "substitute", seed, {})
+            expected = reference.simulate_prefetch(
+                trace, policy, 7, table, config.prefetch.prefetcher.selection, top_k=top_k, budget=budget,
+                miss_mode="substitute", router_scores=router,
+                substitute_candidates=SUBSTITUTE_CANDIDATES_PER_TOP_K * trace.metadata.top_k,
+            )
+            label = f"{policy} seed {seed} {case} substitute"
+            assert_prefetch_equal(trace, expected, result, events, label)
+            np.testing.assert_array_equal(events.substitute, expected.substitutes, err_msg=f"{label}: substitutes")
+            assert result.substitutions == int((expected.substitutes >= 0).sum()), label
+            assert result.substitutions > 0, label

@@ -104,6 +104,8 @@ def pool_step(
     num_steps: int,
     *,
     insert_misses: bool = True,
+    used_positions: jax.Array | None = None,
+    used_next_step: jax.Array | None = None,
 ) -> tuple[PoolState, StepCounts, StepEvents]:
     """Advance one pool by the demand phase of one step.
 
@@ -113,6 +115,10 @@ def pool_step(
       capacity: int32 scalar, the pool's slots (at least the step's request count; checked on the host).
       insert_misses: False computes every miss elsewhere (on the host): misses are counted but never
         inserted, so nothing is evicted and the policy sees only the hits.
+      used_positions, used_next_step: int32 [R], the items the step really uses when they differ from
+        its requests (misses replaced by resident substitutes), ascending and -1 padded. The requests
+        still decide the outcomes and which items count as seen; the policy sees the used items, and
+        the used items that are not resident are inserted.
     """
     num_items = state.resident.shape[0]
     max_requests = request_positions.shape[0]
@@ -125,10 +131,16 @@ def pool_step(
     num_misses = jnp.sum(slot_miss, dtype=jnp.int32)
 
     all_requested = _positions_mask(request_positions, num_items)
-    if not insert_misses:
+    if used_positions is not None:
+        used_slot = jnp.clip(used_positions, 0, num_items - 1)
+        num_inserts = jnp.sum((used_positions >= 0) & ~state.resident[used_slot], dtype=jnp.int32)
+        request_positions, request_next_step = used_positions, used_next_step
+    elif insert_misses:
+        num_inserts = num_misses
+    else:
+        num_inserts = jnp.zeros((), jnp.int32)
         request_positions, request_next_step = _requests_only_hits(request_positions, request_next_step, slot_hit)
     info = _step_info(state, request_positions, request_next_step, step, pass_index, capacity, rng, num_steps)
-    num_inserts = num_misses if insert_misses else jnp.zeros((), jnp.int32)
     policy_state, victims, num_victims = _apply_requests(
         policy, params, state, info, state.resident & ~info.requested, num_inserts, call_on_hits=True
     )

@@ -35,7 +35,7 @@ from specmd_jax.sim.engine import (
 )
 
 SELECTIONS = ("all", "top-k", "mass")
-MISS_MODES = ("demand", "host")
+MISS_MODES = ("demand", "host", "substitute")
 
 
 class PrefetchParams(NamedTuple):
@@ -52,6 +52,7 @@ class PrefetchCounts(NamedTuple):
     prefetches: jax.Array
     prefetch_hits: jax.Array
     wasted: jax.Array
+    substitutions: jax.Array
 
 
 class PrefetchTotals(NamedTuple):
@@ -60,6 +61,7 @@ class PrefetchTotals(NamedTuple):
     prefetches: jax.Array
     prefetch_hits: jax.Array
     wasted: jax.Array
+    substitutions: jax.Array  # misses served by a resident substitute (miss mode `substitute`)
     prefetches_per_layer: jax.Array  # int32 [L], by issuing layer
     prefetch_hits_per_layer: jax.Array  # int32 [L], by requesting layer
 
@@ -72,6 +74,7 @@ class PrefetchEvents(NamedTuple):
     prefetched: jax.Array  # int32 [B], flat ids prefetched, in issue (priority) order, -1 padded
     prefetch_victims: jax.Array  # int32 [B], flat ids the prefetch phase evicted, ascending, -1 padded
     prefetch_source: jax.Array  # int32 [R], for a hit on a pending prefetch the step that issued it, else -1
+    substitute: jax.Array  # int32 [R], for a miss served by a substitute its flat id, else -1
 
 
 def select_candidates(
@@ -148,9 +151,55 @@ def next_request_table(presence: np.ndarray) -> np.ndarray:
     return table.astype(np.int32).reshape(-1)
 
 
+def choose_substitutes(
+    request_positions: jax.Array,
+    resident: jax.Array,
+    router_scores: jax.Array,
+    layer: jax.Array,
+    num_candidates: int,
+) -> jax.Array:
+    """Pick a resident substitute for each missed request slot, as far as there are any.
+
+    The candidates are the `num_candidates` experts of the layer that the router scores highest (ties to
+    the smaller id). The qualified ones are resident and not requested in this step. The misses, in
+    ascending expert id, take them in score order.
+    Returns int32 [R]: for each slot the substitute's flat id, or -1 (no miss, or no qualified candidate left).
+    """
+    num_experts = router_scores.shape[0]
+    num_items = resident.shape[0]
+    slot = jnp.clip(request_positions, 0, num_items - 1)
+    slot_miss = (request_positions >= 0) & ~resident[slot]
+
+    layer_items = layer * num_experts + jnp.arange(num_experts, dtype=jnp.int32)
+    requested_experts = jnp.zeros(num_experts, bool).at[
+        jnp.where(request_positions >= 0, request_positions - layer * num_experts, num_experts)
+    ].set(True, mode="drop")
+    order = jnp.argsort(-router_scores, stable=True)
+    rank = jnp.argsort(order).astype(jnp.int32)
+    qualified = (rank < num_candidates) & resident[layer_items] & ~requested_experts
+    by_score = jnp.argsort(jnp.where(qualified, rank, INT_MAX), stable=True)
+    num_qualified = jnp.sum(qualified, dtype=jnp.int32)
+
+    miss_index = jnp.cumsum(slot_miss.astype(jnp.int32)) - 1
+    served = slot_miss & (miss_index < num_qualified)
+    chosen = jnp.take(by_score, jnp.clip(miss_index, 0, num_experts - 1))
+    return jnp.where(served, layer * num_experts + chosen, -1).astype(jnp.int32)
+
+
+def _used_requests(request_positions, request_next, substitute, step, next_use_table, num_experts):
+    """Return the items a step uses when substitutes replace some misses: ascending, -1 padded, with next requests."""
+    replaced = substitute >= 0
+    kept = (request_positions >= 0) & ~replaced
+    substitute_next = next_use_table[jnp.clip(step * num_experts + substitute % num_experts, 0, next_use_table.shape[0] - 1)]
+    values = jnp.concatenate([jnp.where(kept, request_positions, -1), substitute])
+    next_values = jnp.concatenate([jnp.where(kept, request_next, -1), jnp.where(replaced, substitute_next, -1)])
+    order = jnp.argsort(jnp.where(values >= 0, values, INT_MAX), stable=True)[: request_positions.shape[0]]
+    return jnp.take(values, order), jnp.take(next_values, order)
+
+
 def _simulate_one(
-    policy, params, prefetch_params, capacity, seed, experts, next_step, scores, next_use_table,
-    num_experts, selection, max_budget, miss_mode, record_events, unroll,
+    policy, params, prefetch_params, capacity, seed, experts, next_step, scores, next_use_table, router_scores,
+    num_experts, selection, max_budget, miss_mode, substitute_candidates, record_events, unroll,
 ):
     num_passes, num_layers, _ = experts.shape
     num_steps = num_passes * num_layers
@@ -163,7 +212,7 @@ def _simulate_one(
 
     def body(carry, xs):
         state, tracking, totals, prefetch_totals = carry
-        request_positions, request_next, step, score_row = xs
+        request_positions, request_next, step, score_row, router_row = xs
         layer = step % num_layers
         pass_index = step // num_layers
         rng = jax.random.fold_in(base_key, step)
@@ -174,14 +223,23 @@ def _simulate_one(
         prefetch_source = jnp.where(slot_pending, tracking.issued[slot], -1)
         was_pending = tracking.target >= 0
         state_before = state
+        substitute = jnp.full_like(request_positions, -1)
+        used_positions = used_next = None
+        if miss_mode == "substitute":
+            substitute = choose_substitutes(request_positions, state.resident, router_row, layer, substitute_candidates)
+            used_positions, used_next = _used_requests(
+                request_positions, request_next, substitute, step, next_use_table, num_experts
+            )
         state, counts, events = pool_step(
             policy, params, state, request_positions, request_next, step, pass_index, capacity, rng, num_steps,
-            insert_misses=miss_mode == "demand",
+            insert_misses=miss_mode != "host", used_positions=used_positions, used_next_step=used_next,
         )
         demand_victims = state_before.resident & ~state.resident
         requested = jnp.zeros(num_items, bool).at[jnp.where(request_positions >= 0, request_positions, num_items)].set(
             True, mode="drop"
         )
+        # Substitutes compute in this step, so the prefetch phase must not evict them either.
+        in_use = requested.at[jnp.where(substitute >= 0, substitute, num_items)].set(True, mode="drop")
         wasted = jnp.sum(demand_victims & was_pending, dtype=jnp.int32)
         cleared = requested | demand_victims
         tracking = tracking._replace(
@@ -196,7 +254,7 @@ def _simulate_one(
         lookup = jnp.clip(candidate_target, 0, num_steps - 1) * num_experts + candidates % num_experts
         candidate_next_use = jnp.where(candidates >= 0, next_use_table[lookup], NEVER)
         state, tracking, outcome = prefetch_step(
-            policy, params, state, tracking, candidates, candidate_target, candidate_next_use, requested | keep_resident,
+            policy, params, state, tracking, candidates, candidate_target, candidate_next_use, in_use | keep_resident,
             step, pass_index, capacity, prefetch_params.budget, jax.random.fold_in(rng, 1), num_steps,
         )
 
@@ -205,6 +263,7 @@ def _simulate_one(
             prefetches=outcome.num_prefetches,
             prefetch_hits=jnp.sum(slot_pending, dtype=jnp.int32),
             wasted=wasted + outcome.wasted,
+            substitutions=jnp.sum(substitute >= 0, dtype=jnp.int32),
         )
         prefetch_totals = jax.tree.map(lambda total, value: total.at[layer].add(value), prefetch_totals, step_prefetch)
         totals = totals._replace(evictions=totals.evictions.at[layer].add(outcome.num_victims))
@@ -217,13 +276,14 @@ def _simulate_one(
                 prefetched=_compact(outcome.admitted),
                 prefetch_victims=prefetch_victims.astype(jnp.int32),
                 prefetch_source=prefetch_source,
+                substitute=substitute,
             )
         return (state, tracking, totals, prefetch_totals), record
 
     zero = PrefetchCounts(*(jnp.zeros(num_layers, jnp.int32) for _ in PrefetchCounts._fields))
     carry = (init_pool(policy, num_items, params), init_tracking(num_items), _zero_counts(num_layers), zero)
     (_, _, totals, prefetch_totals), events = jax.lax.scan(
-        body, carry, (positions, next_steps, steps, scores), unroll=unroll
+        body, carry, (positions, next_steps, steps, scores, router_scores), unroll=unroll
     )
     if record_events:
         events = jax.tree.map(lambda leaf: leaf.reshape(num_passes, num_layers, -1), events)
@@ -231,6 +291,7 @@ def _simulate_one(
         prefetches=prefetch_totals.prefetches.sum(-1),
         prefetch_hits=prefetch_totals.prefetch_hits.sum(-1),
         wasted=prefetch_totals.wasted.sum(-1),
+        substitutions=prefetch_totals.substitutions.sum(-1),
         prefetches_per_layer=prefetch_totals.prefetches,
         prefetch_hits_per_layer=prefetch_totals.prefetch_hits,
     )
@@ -245,7 +306,9 @@ def _compact(candidates: jax.Array) -> jax.Array:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("policy", "num_experts", "selection", "max_budget", "miss_mode", "record_events", "unroll"),
+    static_argnames=(
+        "policy", "num_experts", "selection", "max_budget", "miss_mode", "substitute_candidates", "record_events", "unroll",
+    ),
 )
 def simulate_prefetch_batch(
     policy: EvictionPolicy,
@@ -257,11 +320,13 @@ def simulate_prefetch_batch(
     next_step: jax.Array,
     scores: jax.Array,
     next_use_table: jax.Array,
+    router_scores: jax.Array | None = None,
     *,
     num_experts: int,
     selection: str,
     max_budget: int,
     miss_mode: str = "demand",
+    substitute_candidates: int = 0,
     record_events: bool = False,
     unroll: int = 1,
 ) -> tuple[SweepTotals, PrefetchTotals, PrefetchEvents | None]:
@@ -273,15 +338,21 @@ def simulate_prefetch_batch(
       experts, next_step: int32 [T, L, R] from `build_requests`.
       scores: float32 [T * L, D, E], the score table.
       next_use_table: int32 [T * L * E] from `next_request_table`.
+      router_scores: float32 [T * L, E], the router's mean probability of each expert per step; needed
+        by miss mode `substitute`, which draws substitutes from the `substitute_candidates` best.
       max_budget: static bound on every config's budget (the candidate list length B).
     """
     if miss_mode not in MISS_MODES:
         raise ValueError(f"unknown miss mode '{miss_mode}'; expected one of {MISS_MODES}")
+    if router_scores is None:
+        if miss_mode == "substitute":
+            raise ValueError("miss mode 'substitute' needs router_scores")
+        router_scores = jnp.zeros((scores.shape[0], 0), jnp.float32)
 
     def run(config_params, config_prefetch, capacity, seed):
         return _simulate_one(
             policy, config_params, config_prefetch, capacity, seed, experts, next_step, scores, next_use_table,
-            num_experts, selection, max_budget, miss_mode, record_events, unroll,
+            router_scores, num_experts, selection, max_budget, miss_mode, substitute_candidates, record_events, unroll,
         )
 
     return jax.vmap(run)(params, prefetch_params, capacities, seeds)

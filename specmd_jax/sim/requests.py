@@ -73,3 +73,29 @@ def build_requests(trace: Trace) -> StepRequests:
     gathered = np.take_along_axis(next_step_all, np.maximum(experts, 0), axis=-1)
     next_step = np.where(slot_used, gathered, -1).astype(np.int32)
     return StepRequests(experts=experts, next_step=next_step, counts=counts)
+
+
+def mean_router_probabilities(trace: Trace) -> np.ndarray:
+    """Return float32 [T, L, E]: per pass and layer, the mean over its tokens of softmax(router logits).
+
+    Missing cells are left out; a step whose cells are all missing gets zeros. Raises ValueError when the
+    trace has no router logits.
+    """
+    if trace.router_logits is None:
+        raise ValueError(
+            f"trace '{trace.name}' has no router logits, which choosing substitutes for missed experts needs; "
+            "record the trace with `specmd-jax record` to keep them"
+        )
+    logits = trace.router_logits.astype(np.float64)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+    valid = ~trace.missing
+    probabilities = np.where(valid[..., None], probabilities, 0.0)
+    token_pass = np.repeat(np.arange(trace.num_passes), np.diff(trace.pass_offsets))
+    sums = np.zeros((trace.num_passes, trace.num_layers, trace.num_experts))
+    np.add.at(sums, token_pass, probabilities)
+    counts = np.zeros((trace.num_passes, trace.num_layers))
+    np.add.at(counts, token_pass, valid.astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(counts[..., None] > 0, sums / counts[..., None], 0.0)
+    return mean.astype(np.float32)

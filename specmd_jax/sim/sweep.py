@@ -27,13 +27,15 @@ from specmd_jax.prefetch.registry import (
 )
 from specmd_jax.sim.engine import SweepTotals, simulate_batch
 from specmd_jax.sim.prefetch import MISS_MODES, PrefetchParams, next_request_table, simulate_prefetch_batch
-from specmd_jax.sim.requests import StepRequests, build_requests, request_presence
+from specmd_jax.sim.requests import StepRequests, build_requests, mean_router_probabilities, request_presence
 from specmd_jax.sim.stack import simulate_lru_stack
 from specmd_jax.traces.trace import Trace
 
 logger = logging.getLogger(__name__)
 
 SCOPES = ("global", "per-layer")
+SUBSTITUTE_CANDIDATES_PER_TOP_K = 2
+"""Miss mode `substitute` draws substitutes from the router's 2 x top-k highest-scored experts of the layer."""
 INT32_MAX = 2**31 - 1
 
 
@@ -114,7 +116,8 @@ def _slots_text(count: int) -> str:
 class SimConfig:
     """One configuration: a policy, a total capacity in slots, its hyper-parameters, a seed, and
     optionally a prefetcher and a miss-handling mode (`demand` loads a missed expert, `host` computes it
-    on the host without inserting it)."""
+    on the host without inserting it, `substitute` uses a resident expert of the router's candidates
+    instead when there is one)."""
 
     policy: str
     capacity: int
@@ -164,6 +167,7 @@ class SimResult:
     prefetches: int = 0  # experts transferred by the prefetch phases
     prefetch_hits: int = 0  # requests that hit a prefetched expert before any other request used it
     wasted_prefetches: int = 0  # prefetched experts evicted before any request used them
+    substitutions: int = 0  # misses served by a resident substitute (miss mode `substitute`), routing changes
 
     @property
     def misses(self) -> int:
@@ -340,6 +344,7 @@ class PrefetchInputs:
         self.score_tables = score_tables
         self._presence = None
         self._next_use = None
+        self._router = None
         self._tables: dict[tuple[str, int], jax.Array] = {}
 
     @property
@@ -352,6 +357,13 @@ class PrefetchInputs:
         if self._next_use is None:
             self._next_use = jnp.asarray(next_request_table(self.presence))
         return self._next_use
+
+    def router_scores(self) -> jax.Array:
+        """float32 [T * L, E], the router's mean probabilities per step (for miss mode `substitute`)."""
+        if self._router is None:
+            table = mean_router_probabilities(self.trace)
+            self._router = jnp.asarray(table.reshape(-1, table.shape[-1]))
+        return self._router
 
     def table(self, name: str, lookahead: int) -> jax.Array:
         key = (name, lookahead)
@@ -383,10 +395,12 @@ def _run_prefetch_group(policy, group, params, capacities, seeds, experts, next_
     )
     max_budget = max(1, max(r[2] for r in resolved))
     selection = "all" if name == "none" else PREFETCHERS[name].selection
+    router_scores = inputs.router_scores() if miss == "substitute" else None
     return simulate_prefetch_batch(
         policy, params, prefetch_params, capacities, seeds, experts, next_step,
-        inputs.table(name, lookahead), inputs.next_use(),
+        inputs.table(name, lookahead), inputs.next_use(), router_scores,
         num_experts=num_experts, selection=selection, max_budget=max_budget, miss_mode=miss,
+        substitute_candidates=SUBSTITUTE_CANDIDATES_PER_TOP_K * trace_top_k,
         record_events=record_events, unroll=unroll,
     )
 
@@ -415,6 +429,7 @@ def _result(config: SimConfig, scope: str, effective: int, totals: SweepTotals, 
             "prefetches": int(prefetch_totals.prefetches[position]),
             "prefetch_hits": int(prefetch_totals.prefetch_hits[position]),
             "wasted_prefetches": int(prefetch_totals.wasted[position]),
+            "substitutions": int(prefetch_totals.substitutions[position]),
         }
     return SimResult(
         config=config,

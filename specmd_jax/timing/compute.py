@@ -15,6 +15,8 @@ Simplifications, each of which makes the estimate a lower bound on a real kernel
 - The context C of a pass is the number of tokens of the same sequence in earlier passes of the trace.
   The trace contains the whole sequence, so no context outside it is assumed.
 - The LM head runs for the last token of each pass only (a prefill only needs the next token's logits).
+
+Misses computed on the host (`host_experts_time`) use the same roofline with the host CPU's figures.
 """
 
 from __future__ import annotations
@@ -63,9 +65,35 @@ def routed_experts_time(model: ModelShape, hardware: Hardware, tokens: np.ndarra
     weights of each of the `active_experts` distinct experts, read once.
     """
     tokens = np.asarray(tokens, np.float64)
-    pairs = tokens * model.top_k
-    flops = 2 * 3 * model.hidden * model.expert_ffn * pairs
-    return roofline_time(flops, np.asarray(active_experts, np.float64) * model.expert_bytes, hardware)
+    return routed_pairs_time(model, hardware, tokens * model.top_k, active_experts)
+
+
+def expert_flops(model: ModelShape, pairs: np.ndarray | float) -> np.ndarray:
+    """FLOPs of `pairs` (token, routed expert) pairs: 2 x 3 x hidden x expert_ffn each (three SwiGLU matrices)."""
+    return 2 * 3 * model.hidden * model.expert_ffn * np.asarray(pairs, np.float64)
+
+
+def routed_pairs_time(model: ModelShape, hardware: Hardware, pairs: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
+    """Estimate the accelerator seconds of `pairs` (token, expert) pairs over `active_experts` distinct experts, each read once."""
+    num_bytes = np.asarray(active_experts, np.float64) * model.expert_bytes
+    return roofline_time(expert_flops(model, pairs), num_bytes, hardware)
+
+
+def host_experts_time(model: ModelShape, hardware: Hardware, pairs: np.ndarray, host_experts: np.ndarray) -> np.ndarray:
+    """Estimate the host CPU seconds of `pairs` (token, expert) pairs over `host_experts` distinct experts.
+
+    The same roofline as on the accelerator, with the host figures: max(FLOPs / host_flops, bytes read
+    / host_memory_bandwidth), where each expert's weights are read once from host memory. Raises
+    ValueError when `hardware` has no host figures.
+    """
+    if not hardware.has_host_compute:
+        raise ValueError(
+            f"hardware '{hardware.name}' has no host compute figures: set Hardware.host_flops and "
+            "Hardware.host_memory_bandwidth to compute misses on the host"
+        )
+    compute_bound = expert_flops(model, pairs) / hardware.host_flops
+    memory_bound = np.asarray(host_experts, np.float64) * model.expert_bytes / hardware.host_memory_bandwidth
+    return np.maximum(compute_bound, memory_bound)
 
 
 def shared_experts_time(model: ModelShape, hardware: Hardware, tokens: np.ndarray) -> np.ndarray:
@@ -91,19 +119,28 @@ def lm_head_time(model: ModelShape, hardware: Hardware, num_passes: int) -> np.n
 
 
 def moe_layer_times(
-    model: ModelShape, hardware: Hardware, tokens: np.ndarray, context: np.ndarray, active_experts: np.ndarray
+    model: ModelShape,
+    hardware: Hardware,
+    tokens: np.ndarray,
+    context: np.ndarray,
+    active_experts: np.ndarray,
+    pairs: np.ndarray | None = None,
 ) -> np.ndarray:
     """Estimate the compute seconds of every step, float64 [T, L], from `tokens` and `context` [T] and `active_experts` [T, L].
 
-    `active_experts` counts the distinct routed experts requested at (pass, layer), as in
-    `specmd_jax.sim.requests.StepRequests.counts`.
+    `active_experts` counts the distinct routed experts that the accelerator computes at (pass, layer):
+    every requested one (`specmd_jax.sim.requests.StepRequests.counts`), or only the resident ones when
+    the misses are computed on the host. `pairs` [T, L] counts the (token, expert) pairs it computes;
+    None means tokens x top_k, all of them.
     """
     tokens = np.asarray(tokens, np.float64)
     context = np.asarray(context, np.float64)
     active_experts = np.asarray(active_experts, np.float64)
     per_pass = attention_time(model, hardware, tokens, context) + router_time(model, hardware, tokens)
     per_pass = per_pass + shared_experts_time(model, hardware, tokens)
-    return per_pass[:, None] + routed_experts_time(model, hardware, tokens[:, None], active_experts)
+    if pairs is None:
+        return per_pass[:, None] + routed_experts_time(model, hardware, tokens[:, None], active_experts)
+    return per_pass[:, None] + routed_pairs_time(model, hardware, pairs, active_experts)
 
 
 def dense_layers_time(model: ModelShape, hardware: Hardware, tokens: np.ndarray, context: np.ndarray) -> np.ndarray:

@@ -20,6 +20,10 @@ class Hardware:
       link_bandwidth: host-to-device bandwidth for one transfer, bytes/s; `math.inf` makes transfers free.
       transfer_latency: fixed cost of each transfer (setup and completion), seconds.
       source: where the figures come from, with estimates marked as such.
+      host_flops: FLOP/s of the host CPU on expert math, for misses computed on the host (`miss="host"`);
+        None when unknown.
+      host_memory_bandwidth: host memory bandwidth the CPU reaches, bytes/s; None when unknown. Give both
+        host figures or neither.
     """
 
     name: str
@@ -28,6 +32,8 @@ class Hardware:
     link_bandwidth: float
     transfer_latency: float
     source: str = ""
+    host_flops: float | None = None
+    host_memory_bandwidth: float | None = None
 
     def __post_init__(self):
         for field in ("peak_flops", "memory_bandwidth"):
@@ -40,6 +46,22 @@ class Hardware:
         latency = self.transfer_latency
         if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not math.isfinite(latency) or latency < 0:
             raise ValueError(f"Hardware.transfer_latency: expected a finite number of seconds >= 0, got {latency!r}")
+        for field in ("host_flops", "host_memory_bandwidth"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"Hardware.{field}: expected a finite number > 0 or None, got {value!r}")
+        if (self.host_flops is None) != (self.host_memory_bandwidth is None):
+            raise ValueError(
+                f"Hardware: expected both host_flops and host_memory_bandwidth or neither, got host_flops="
+                f"{self.host_flops!r} and host_memory_bandwidth={self.host_memory_bandwidth!r}"
+            )
+
+    @property
+    def has_host_compute(self) -> bool:
+        """Whether the host figures are set, so misses can be computed on the host."""
+        return self.host_flops is not None
 
     def transfer_time(self, num_bytes: float) -> float:
         """Seconds one transfer of `num_bytes` occupies the link: latency + bytes / bandwidth."""
@@ -87,6 +109,48 @@ M3_MAX_FLOPS = 14.3e12
 TPU_V5E_BF16_FLOPS = 197e12
 TPU_V5E_MEMORY_BANDWIDTH = 819e9
 
+# Host CPUs, for misses computed on the host. Each preset gives one accelerator a whole CPU socket. On a
+# server where several accelerators share a socket, divide both host figures by their number. The FLOP/s
+# are the FP32 fused multiply-add peak of the CPU's SIMD units at base clock, with bf16 weights widened to
+# FP32 (matrix units such as Intel AMX are not counted). NOTE: every host FLOP/s is an estimate of that
+# kind, because CPU vendors publish no peak for this workload.
+FP32_LANES_256 = 8  # FP32 values in one 256-bit vector
+FP32_LANES_512 = 16
+FP32_LANES_128 = 4
+FLOPS_PER_FMA = 2
+
+# NVIDIA DGX A100 (the reference host of the A100): two AMD EPYC 7742, 64 cores each at 2.25 GHz base
+# (hardwaretimes.com DGX A100 article). Zen 2 has two 256-bit FMA units per core (Microway, "Detailed
+# Specifications of the AMD EPYC Rome CPUs"): 64 x 2.25e9 x 2 x 8 x 2 = 4.6 TFLOPS FP32. Memory: eight
+# channels of DDR4-3200 per socket, 8 x 3.2e9 x 8 bytes = 204.8 GB/s (same Microway page; Tom's Hardware
+# quotes 204.8 GB/s per socket).
+EPYC_7742_FLOPS = 64 * 2.25e9 * 2 * FP32_LANES_256 * FLOPS_PER_FMA
+EPYC_7742_MEMORY_BANDWIDTH = 8 * 3.2e9 * 8
+
+# NVIDIA DGX H100/H200 (the reference host of the H100): two Intel Xeon Platinum 8480C, 56 cores each at
+# 2.0 GHz base (NVIDIA DGX H200 specifications). The MLPerf Inference v4.1 description of NVIDIA's H200
+# system lists the same CPUs. Sapphire Rapids has two 512-bit FMA units per core (Chips and Cheese,
+# Sapphire Rapids article): 56 x 2.0e9 x 2 x 16 x 2 = 7.2 TFLOPS FP32. Memory: eight DDR5 channels per
+# socket (ServeTheHome, Xeon 8480+ diagram) at up to 4800 MT/s (SiSoftware, Sapphire Rapids preview).
+# That is 8 x 4.8e9 x 8 bytes = 307.2 GB/s.
+XEON_8480C_FLOPS = 56 * 2.0e9 * 2 * FP32_LANES_512 * FLOPS_PER_FMA
+XEON_8480C_MEMORY_BANDWIDTH = 8 * 4.8e9 * 8
+
+# NVIDIA Grace (the CPU of the GH200) has 72 Neoverse V2 cores with four 128-bit SVE2 units each. The
+# two-CPU Grace Superchip peaks at 7.1 TFLOPS FP64 with up to 1 TB/s of LPDDR5X (hardwaretimes.com Grace
+# announcement). So one CPU has 3.55 TFLOPS FP64, 7.1 TFLOPS FP32 at twice the lanes, and 500 GB/s.
+GRACE_FLOPS = 7.1e12 / 2 * 2
+GRACE_MEMORY_BANDWIDTH = 1e12 / 2
+
+# Apple M3 Max CPU: 12 performance cores (Apple MacBook Pro tech specs) at up to about 4.05 GHz
+# (cputronic.com M3 Max page; Apple publishes no clock).
+# NOTE: an estimate, assuming four 128-bit FMA units per performance core and leaving out the 4
+# efficiency cores: 12 x 4.05e9 x 4 x 4 x 2 = 1.6 TFLOPS FP32.
+M3_MAX_CPU_FLOPS = 12 * 4.05e9 * 4 * FP32_LANES_128 * FLOPS_PER_FMA
+# NOTE: an estimate. The CPU cores reach only part of the 400 GB/s that the whole chip has, as AnandTech
+# found on the M1 Max ("Huge Memory Bandwidth, but not for every Block"). Half of it is assumed.
+M3_MAX_CPU_MEMORY_BANDWIDTH = M3_MAX_MEMORY_BANDWIDTH / 2
+
 PRESETS: dict[str, Hardware] = {
     "pcie4-a100": Hardware(
         name="pcie4-a100",
@@ -94,7 +158,12 @@ PRESETS: dict[str, Hardware] = {
         memory_bandwidth=A100_MEMORY_BANDWIDTH,
         link_bandwidth=PCIE_EFFICIENCY * PCIE4_X16_NOMINAL,  # about 25 GB/s, an estimate
         transfer_latency=PCIE_TRANSFER_LATENCY,
-        source="A100 80GB SXM datasheet; PCIe 4.0 x16 at an estimated 80% of 31.5 GB/s; latency estimated",
+        source=(
+            "A100 80GB SXM datasheet; PCIe 4.0 x16 at an estimated 80% of 31.5 GB/s; latency estimated; "
+            "host: one EPYC 7742 socket of the DGX A100, FLOP/s estimated"
+        ),
+        host_flops=EPYC_7742_FLOPS,
+        host_memory_bandwidth=EPYC_7742_MEMORY_BANDWIDTH,
     ),
     "pcie5-h100": Hardware(
         name="pcie5-h100",
@@ -102,7 +171,12 @@ PRESETS: dict[str, Hardware] = {
         memory_bandwidth=H100_MEMORY_BANDWIDTH,
         link_bandwidth=PCIE_EFFICIENCY * PCIE5_X16_NOMINAL,  # about 50 GB/s, an estimate
         transfer_latency=PCIE_TRANSFER_LATENCY,
-        source="H100 SXM datasheet; PCIe 5.0 x16 at an estimated 80% of 63 GB/s; latency estimated",
+        source=(
+            "H100 SXM datasheet; PCIe 5.0 x16 at an estimated 80% of 63 GB/s; latency estimated; "
+            "host: one Xeon Platinum 8480C socket of the DGX H100, FLOP/s estimated"
+        ),
+        host_flops=XEON_8480C_FLOPS,
+        host_memory_bandwidth=XEON_8480C_MEMORY_BANDWIDTH,
     ),
     "nvlink-c2c-gh200": Hardware(
         name="nvlink-c2c-gh200",
@@ -111,7 +185,12 @@ PRESETS: dict[str, Hardware] = {
         # NOTE: an estimate, about 89% of the 450 GB/s per direction; Grace memory also bounds the rate.
         link_bandwidth=400e9,
         transfer_latency=5e-6,  # an estimate: no PCIe DMA setup, but still one copy launch
-        source="GH200 datasheet; NVLink-C2C 450 GB/s per direction, 400 GB/s effective estimated; latency estimated",
+        source=(
+            "GH200 datasheet; NVLink-C2C 450 GB/s per direction, 400 GB/s effective estimated; latency estimated; "
+            "host: the Grace CPU, FLOP/s from its FP64 peak"
+        ),
+        host_flops=GRACE_FLOPS,
+        host_memory_bandwidth=GRACE_MEMORY_BANDWIDTH,
     ),
     "apple-m3-max": Hardware(
         name="apple-m3-max",
@@ -121,7 +200,12 @@ PRESETS: dict[str, Hardware] = {
         # byte is read once and written once, which halves the memory bandwidth. An estimate.
         link_bandwidth=M3_MAX_MEMORY_BANDWIDTH / 2,
         transfer_latency=5e-6,  # an estimate
-        source="MacBook Pro M3 Max tech specs (400 GB/s); GPU FLOP/s, copy rate and latency estimated",
+        source=(
+            "MacBook Pro M3 Max tech specs (400 GB/s); GPU FLOP/s, copy rate and latency estimated; "
+            "host: the 12 performance cores, FLOP/s and bandwidth estimated"
+        ),
+        host_flops=M3_MAX_CPU_FLOPS,
+        host_memory_bandwidth=M3_MAX_CPU_MEMORY_BANDWIDTH,
     ),
     "tpu-v5e": Hardware(
         name="tpu-v5e",
@@ -131,7 +215,14 @@ PRESETS: dict[str, Hardware] = {
         # 4.0 x16-class link per chip at the same efficiency as the GPU presets.
         link_bandwidth=PCIE_EFFICIENCY * PCIE4_X16_NOMINAL,
         transfer_latency=PCIE_TRANSFER_LATENCY,
-        source="Cloud TPU v5e documentation; host link and latency estimated (PCIe 4.0 x16-class)",
+        source=(
+            "Cloud TPU v5e documentation; host link and latency estimated (PCIe 4.0 x16-class); "
+            "host CPU estimated as one EPYC 7742-class socket"
+        ),
+        # NOTE: an estimate. Google publishes no CPU model for a v5e host (8 chips and 512 GiB of DRAM per
+        # host), so one socket like the A100 host's is assumed.
+        host_flops=EPYC_7742_FLOPS,
+        host_memory_bandwidth=EPYC_7742_MEMORY_BANDWIDTH,
     ),
     "constrained-5gbs": Hardware(
         name="constrained-5gbs",
@@ -140,7 +231,12 @@ PRESETS: dict[str, Hardware] = {
         # A deliberately slow 5 GB/s link (a shared or narrowed PCIe link) for sensitivity studies.
         link_bandwidth=5e9,
         transfer_latency=PCIE_TRANSFER_LATENCY,
-        source="A100 80GB SXM datasheet compute; a chosen 5 GB/s link; latency estimated",
+        source=(
+            "A100 80GB SXM datasheet compute; a chosen 5 GB/s link; latency estimated; "
+            "host: one EPYC 7742 socket of the DGX A100, FLOP/s estimated"
+        ),
+        host_flops=EPYC_7742_FLOPS,
+        host_memory_bandwidth=EPYC_7742_MEMORY_BANDWIDTH,
     ),
 }
 

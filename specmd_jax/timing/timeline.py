@@ -12,18 +12,24 @@ Rules, applied when step s is reached at time `ready` (the end of the previous l
   demand loads of s. A prefetch that s needs and that is in flight delays s until it arrives.
 - Layer l starts when all its requested experts have arrived: at the latest of `ready`, the arrival of
   its last demand load and the arrival of the prefetches it needs. Hits are resident, so they add no
-  wait. Its stall is start - ready.
+  wait. Its stall is start - ready, plus its host wait (below).
 - The prefetches of s are issued at `ready`, behind the demand loads of s, so they overlap the wait
   and the compute of layer l. Queued prefetches keep the link busy across layer and pass boundaries.
 
 With no prefetches the link is idle whenever a layer is reached, so a layer with n misses stalls for
 exactly n x transfer_time.
+
+With `host_compute`, the host CPU computes some experts of a layer (misses not loaded) while the
+accelerator computes the rest: both start when the layer starts, and the layer ends when both are
+done, after max(compute, host_compute). The excess, max(0, host_compute - compute), is the layer's
+host wait and counts as stall.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -57,6 +63,8 @@ class Timeline:
       layer_ready: float64 [T, L], when each layer could have started (the end of what ran before it).
       layer_start, layer_end: float64 [T, L].
       transfers: one TRANSFER_LOG_DTYPE record per transfer in start order, or None when not recorded.
+      host_wait: float64 [T, L], time each layer's end waited for the host beyond the accelerator's
+        compute, max(0, host_compute - compute); None means zeros.
     """
 
     pass_start: np.ndarray
@@ -65,11 +73,15 @@ class Timeline:
     layer_start: np.ndarray
     layer_end: np.ndarray
     transfers: np.ndarray | None = None
+    host_wait: np.ndarray | None = None
 
     @property
     def stall(self) -> np.ndarray:
-        """float64 [T, L], time each layer waited for its experts."""
-        return self.layer_start - self.layer_ready
+        """float64 [T, L], time each layer waited for its experts: transfers before it started, plus its host wait."""
+        stall = self.layer_start - self.layer_ready
+        if self.host_wait is not None:
+            stall = stall + self.host_wait
+        return stall
 
     @property
     def total_stall(self) -> float:
@@ -80,6 +92,20 @@ class Timeline:
         """End of the last pass (the timeline starts at 0)."""
         return float(self.pass_start[-1] + self.pass_time[-1])
 
+    @property
+    def late_prefetches(self) -> int:
+        """Prefetches with a consumer that arrived after the consumer's layer was reached (after its `layer_ready`).
+
+        A promoted prefetch counts as late when its transfer took any time. Raises ValueError when the
+        transfers were not recorded.
+        """
+        if self.transfers is None:
+            raise ValueError("late_prefetches needs the transfer log: simulate with record_transfers=True")
+        log = self.transfers
+        used = log[(log["kind"] == TRANSFER_PREFETCH) & (log["consumer_step"] != NO_CONSUMER)]
+        reached = self.layer_ready.reshape(-1)[used["consumer_step"]]
+        return int(np.count_nonzero(used["end_time"] > reached))
+
 
 def _per_pass(values: np.ndarray | None, num_passes: int, field: str) -> np.ndarray:
     if values is None:
@@ -89,6 +115,19 @@ def _per_pass(values: np.ndarray | None, num_passes: int, field: str) -> np.ndar
         raise ValueError(f"{field}: expected shape ({num_passes},) (one entry per pass), got {values.shape}")
     if not np.all(np.isfinite(values) & (values >= 0)):
         raise ValueError(f"{field}: expected finite times >= 0, got a minimum of {values.min()}")
+    return values
+
+
+def _per_step(values: np.ndarray | None, shape: tuple[int, int], field: str) -> np.ndarray | None:
+    if values is None:
+        return None
+    values = np.asarray(values, np.float64)
+    if values.shape != shape:
+        raise ValueError(f"{field}: expected shape {shape} (one entry per pass and layer), got {values.shape}")
+    invalid = ~(np.isfinite(values) & (values >= 0))
+    if invalid.any():
+        p, l = np.argwhere(invalid)[0]
+        raise ValueError(f"{field}: expected finite times >= 0, got {values[p, l]} at pass {p}, layer {l}")
     return values
 
 
@@ -174,6 +213,7 @@ def simulate_timeline(
     transfer_time: float,
     *,
     prefetches: PrefetchPlan | None = None,
+    host_compute: np.ndarray | None = None,
     prologue: np.ndarray | None = None,
     epilogue: np.ndarray | None = None,
     record_transfers: bool = False,
@@ -186,6 +226,8 @@ def simulate_timeline(
       transfer_time: time one transfer occupies the link (latency + bytes / bandwidth); 0 makes
         transfers free.
       prefetches: transfers issued at the start of each step (see `PrefetchPlan`); None issues none.
+      host_compute: float [T, L], time the host CPU takes for the experts it computes at each step,
+        in parallel with `compute`; None means the host computes nothing.
       prologue, epilogue: float [T], compute before the first MoE layer (dense layers) and after the
         last one (LM head) of each pass; zeros when None.
       record_transfers: also return the log of every transfer.
@@ -206,7 +248,11 @@ def simulate_timeline(
         raise ValueError(f"transfer_time: expected a finite time >= 0, got {transfer_time}")
     prologue = _per_pass(prologue, T, "prologue")
     epilogue = _per_pass(epilogue, T, "epilogue")
+    host_compute = _per_step(host_compute, (T, L), "host_compute")
     prefetch_lists = _prefetch_lists(prefetches, T * L)
+    # The accelerator and the host work on the layer side by side; the slower one sets its length.
+    layer_time = compute if host_compute is None else np.maximum(compute, host_compute)
+    host_wait = np.zeros((T, L)) if host_compute is None else layer_time - compute
 
     link = _Link(transfer_time, record_transfers)
     pass_start = np.zeros(T)
@@ -226,13 +272,16 @@ def simulate_timeline(
             link.issue_prefetches(step, clock, prefetch_lists[step])
             layer_ready[p, l] = clock
             layer_start[p, l] = arrival
-            layer_end[p, l] = arrival + compute[p, l]
+            layer_end[p, l] = arrival + layer_time[p, l]
             clock = layer_end[p, l]
         clock += epilogue[p]
         pass_time[p] = clock - pass_start[p]
 
     transfers = None
     if record_transfers:
+        # Prefetches still queued when the last pass ends run after it. They change no time, but then the
+        # log contains every issued transfer.
+        link.start_prefetches_before(math.inf)
         transfers = np.array(link.log, dtype=TRANSFER_LOG_DTYPE)
         transfers = transfers[np.argsort(transfers["start_time"], kind="stable")]
-    return Timeline(pass_start, pass_time, layer_ready, layer_start, layer_end, transfers)
+    return Timeline(pass_start, pass_time, layer_ready, layer_start, layer_end, transfers, host_wait)

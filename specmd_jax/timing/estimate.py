@@ -8,15 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from specmd_jax.sim.engine import OUTCOME_CAPACITY, OUTCOME_COLLISION, OUTCOME_COMPULSORY, OUTCOME_NONE
+from specmd_jax.sim.engine import OUTCOME_NONE
 from specmd_jax.sim.requests import build_requests
-from specmd_jax.timing.compute import dense_layers_time, lm_head_time, moe_layer_times
+from specmd_jax.timing.compute import dense_layers_time, host_experts_time, lm_head_time, moe_layer_times
+from specmd_jax.timing.events import has_prefetch_events, host_expert_pairs, miss_slots, prefetch_plan_from_events
 from specmd_jax.timing.hardware import Hardware
 from specmd_jax.timing.models import ModelShape
 from specmd_jax.timing.timeline import PrefetchPlan, Timeline, simulate_timeline
 from specmd_jax.traces.trace import PASS_DECODE, PASS_PREFILL, Trace
 
-MISS_OUTCOMES = (OUTCOME_COMPULSORY, OUTCOME_CAPACITY, OUTCOME_COLLISION)
+MISS_MODES = ("demand", "host")
+"""Miss handling that the timing model covers (`SimConfig.miss`)."""
 
 NOTE_NO_PREFILL = "the trace has no prefill pass, so only TPOT is reported (TTFT is None)"
 
@@ -45,13 +47,22 @@ class TimingResult:
     Attributes:
       hardware, model: what the times were computed for.
       transfer_time: seconds one expert transfer occupies the link.
-      compute: float64 [T, L], compute seconds of each MoE layer in each pass.
-      timeline: the timeline of the simulated cache (misses become demand loads).
+      compute: float64 [T, L], compute seconds of each MoE layer in each pass with every requested
+        expert on the accelerator (the all-resident and no-cache references use it).
+      timeline: the timeline of the simulated cache (misses become demand loads, or host compute).
       timed: its latency figures.
       all_resident: the same passes with every expert resident (no transfers).
       no_cache: the same passes with every requested expert transferred at every step.
       ttft_per_sequence: time to first token of each sequence that has one, by sequence id.
       demand_loads, prefetches: transfers of each kind in the timed timeline.
+      late_prefetches: prefetches with a consumer step that arrived after that step's layer was
+        reached, so the layer stalled for them (promoted ones included).
+      demand_bytes, prefetch_bytes: bytes moved over the link by each kind, transfers x expert bytes.
+      miss: how misses were handled: "demand" (loaded) or "host" (computed on the host CPU).
+      host_computed: misses computed on the host (0 in demand mode).
+      device_compute: float64 [T, L], what the accelerator computes in the timed timeline: `compute`
+        in demand mode, without the missed experts in host mode.
+      host_compute: float64 [T, L], host seconds of each step's missed experts in host mode, else None.
       note: why a figure is missing, or "".
     """
 
@@ -66,6 +77,13 @@ class TimingResult:
     ttft_per_sequence: dict[int, float]
     demand_loads: int
     prefetches: int
+    late_prefetches: int
+    demand_bytes: int
+    prefetch_bytes: int
+    miss: str
+    host_computed: int
+    device_compute: np.ndarray
+    host_compute: np.ndarray | None
     note: str = ""
 
     @property
@@ -129,8 +147,8 @@ def sequence_context(pass_offsets: np.ndarray, pass_sequence: np.ndarray) -> np.
     return context
 
 
-def _miss_counts(trace: Trace, events: Any, request_counts: np.ndarray) -> np.ndarray:
-    """Count the misses of each step, int64 [T, L], from the per-slot outcomes, after checking them against the trace."""
+def _checked_outcomes(trace: Trace, events: Any, request_counts: np.ndarray) -> np.ndarray:
+    """Return the per-slot outcomes of `events`, int8 [T, L, R], after checking them against the trace."""
     outcomes = np.asarray(getattr(events, "outcomes", events))
     expected = (trace.num_passes, trace.num_layers)
     if outcomes.ndim != 3 or outcomes.shape[:2] != expected:
@@ -145,7 +163,7 @@ def _miss_counts(trace: Trace, events: Any, request_counts: np.ndarray) -> np.nd
             f"events: step (pass {p}, layer {l}) has {requested[p, l]} requests but the trace requests "
             f"{request_counts[p, l]} experts there; the events were recorded on another trace"
         )
-    return np.isin(outcomes, MISS_OUTCOMES).sum(axis=-1).astype(np.int64)
+    return outcomes
 
 
 def check_model_matches(trace: Trace, model: ModelShape) -> None:
@@ -171,21 +189,40 @@ def estimate_timing(
     model: ModelShape,
     *,
     prefetches: PrefetchPlan | None = None,
+    miss: str = "demand",
     record_transfers: bool = False,
 ) -> TimingResult:
     """Estimate TTFT, TPOT and stall time of one simulated cache configuration on `trace`.
 
     Args:
       trace: the trace the events were simulated on.
-      events: that configuration's `StepEvents` from `run_sweep(..., record_events=True)`, or its
-        `outcomes` array int8 [T, L, R]; compulsory, capacity and collision outcomes are misses.
+      events: that configuration's events from `run_sweep(..., record_events=True)`: `StepEvents`,
+        `PrefetchEvents`, or only the `outcomes` array int8 [T, L, R]. Compulsory, capacity and
+        collision outcomes are misses. `PrefetchEvents` also give the prefetch plan (see
+        `prefetch_plan_from_events`).
       hardware, model: presets from `specmd_jax.timing.hardware` and `specmd_jax.timing.models`.
-      prefetches: transfers issued at the start of each step (see `PrefetchPlan`); None issues none.
+      prefetches: transfers issued at the start of each step (see `PrefetchPlan`) when `events` do not
+        record them; None issues none. Passing it with `PrefetchEvents` raises ValueError.
+      miss: the configuration's miss handling (`SimConfig.miss`): "demand" loads each miss over the
+        link; "host" computes the missed experts on the host CPU while the accelerator computes the
+        rest of the layer (needs `hardware.host_flops` and `hardware.host_memory_bandwidth`).
       record_transfers: keep the log of every transfer in `result.timeline.transfers`.
     """
+    if miss not in MISS_MODES:
+        raise ValueError(f"miss: expected one of {', '.join(MISS_MODES)} (the modes the timing model covers), got {miss!r}")
     check_model_matches(trace, model)
-    request_counts = build_requests(trace).counts.astype(np.int64)
-    misses = _miss_counts(trace, events, request_counts)
+    requests = build_requests(trace)
+    request_counts = requests.counts.astype(np.int64)
+    outcomes = _checked_outcomes(trace, events, request_counts)
+    missed = miss_slots(outcomes)
+    misses = missed.sum(axis=-1, dtype=np.int64)
+    if has_prefetch_events(events):
+        if prefetches is not None:
+            raise ValueError(
+                "prefetches: expected None when the events record prefetches (PrefetchEvents), because the plan "
+                "is built from them; pass one or the other"
+            )
+        prefetches = prefetch_plan_from_events(trace, events, requests)
 
     tokens = np.diff(trace.pass_offsets).astype(np.float64)
     context = sequence_context(trace.pass_offsets, trace.pass_sequence).astype(np.float64)
@@ -194,14 +231,32 @@ def estimate_timing(
     epilogue = lm_head_time(model, hardware, trace.num_passes)
     transfer_time = hardware.transfer_time(model.expert_bytes)
 
-    def run(demand: np.ndarray, plan: PrefetchPlan | None, record: bool) -> Timeline:
+    # Host mode: the host computes the missed experts, the accelerator the resident ones, and nothing loads.
+    host_compute = None
+    device_compute = compute
+    demand = misses
+    if miss == "host":
+        host_pairs = host_expert_pairs(trace, requests, missed)
+        host_compute = host_experts_time(model, hardware, host_pairs, misses)
+        device_pairs = tokens[:, None] * model.top_k - host_pairs
+        device_compute = moe_layer_times(model, hardware, tokens, context, request_counts - misses, pairs=device_pairs)
+        demand = np.zeros_like(misses)
+
+    def run(
+        layer_compute: np.ndarray, loads: np.ndarray, plan: PrefetchPlan | None, host: np.ndarray | None, record: bool
+    ) -> Timeline:
         return simulate_timeline(
-            compute, demand, transfer_time, prefetches=plan, prologue=prologue, epilogue=epilogue, record_transfers=record
+            layer_compute, loads, transfer_time, prefetches=plan, host_compute=host, prologue=prologue, epilogue=epilogue,
+            record_transfers=record,
         )
 
-    timeline = run(misses, prefetches, record_transfers)
-    resident = run(np.zeros_like(misses), None, False)
-    no_cache = run(request_counts, None, False)
+    # The timed timeline always logs its transfers, because late prefetches are read from the log.
+    timeline = run(device_compute, demand, prefetches, host_compute, True)
+    late_prefetches = timeline.late_prefetches
+    if not record_transfers:
+        timeline = dataclasses.replace(timeline, transfers=None)
+    resident = run(compute, np.zeros_like(misses), None, None, False)
+    no_cache = run(compute, request_counts, None, None, False)
 
     kinds, sequences = trace.pass_kind, trace.pass_sequence
     timed, per_sequence = summarize(timeline, kinds, sequences)
@@ -216,6 +271,7 @@ def estimate_timing(
     if prefetches is not None:
         lists = prefetches.values() if isinstance(prefetches, Mapping) else prefetches
         num_prefetches = sum(len(consumers) for consumers in lists)
+    demand_loads = int(demand.sum())
     return TimingResult(
         hardware=hardware,
         model=model,
@@ -226,7 +282,14 @@ def estimate_timing(
         all_resident=summarize(resident, kinds, sequences)[0],
         no_cache=summarize(no_cache, kinds, sequences)[0],
         ttft_per_sequence=per_sequence,
-        demand_loads=int(misses.sum()),
+        demand_loads=demand_loads,
         prefetches=num_prefetches,
+        late_prefetches=late_prefetches,
+        demand_bytes=demand_loads * model.expert_bytes,
+        prefetch_bytes=num_prefetches * model.expert_bytes,
+        miss=miss,
+        host_computed=int(misses.sum()) if miss == "host" else 0,
+        device_compute=device_compute,
+        host_compute=host_compute,
         note=note,
     )

@@ -3,6 +3,7 @@ the prefetch plan read from simulator events, host compute, and the identities t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -522,3 +523,28 @@ def test_unknown_miss_mode_rejected():
     _, events = simulate(trace, SimConfig("lru", 8))
     with pytest.raises(ValueError, match=r"miss: expected one of demand, host \(the modes the timing model covers\), got 'cpu'"):
         estimate_timing(trace, events, SLOW_LINK, HAND_MODEL, miss="cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# Substitute misses
+# ------------------------------------------------------------------------------------------------
+
+
+def test_substitute_loads_only_unreplaced_misses():
+    trace = tiny_trace(seed=3)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(trace.num_tokens, 2, 8)).astype(np.float32)
+    trace = dataclasses.replace(trace, router_logits=logits)
+    config = SimConfig("lru", 8, miss="substitute")
+    result, events = simulate(trace, config)
+    timing = estimate_timing(trace, events, SLOW_LINK, TINY_MODEL, miss="substitute")
+    assert result.substitutions > 0
+    assert timing.demand_loads == result.misses - result.substitutions
+    assert timing.demand_bytes == timing.demand_loads * TINY_MODEL.expert_bytes
+
+
+def test_substitute_needs_its_events():
+    trace = tiny_trace(seed=3)
+    result, events = simulate(trace, SimConfig("lru", 8))
+    with pytest.raises(ValueError, match="miss mode 'substitute' needs the PrefetchEvents"):
+        estimate_timing(trace, events, SLOW_LINK, TINY_MODEL, miss="substitute")

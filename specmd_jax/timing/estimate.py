@@ -17,7 +17,7 @@ from specmd_jax.timing.models import ModelShape
 from specmd_jax.timing.timeline import PrefetchPlan, Timeline, simulate_timeline
 from specmd_jax.traces.trace import PASS_DECODE, PASS_PREFILL, Trace
 
-MISS_MODES = ("demand", "host")
+MISS_MODES = ("demand", "host", "substitute")
 """Miss handling that the timing model covers (`SimConfig.miss`)."""
 
 NOTE_NO_PREFILL = "the trace has no prefill pass, so only TPOT is reported (TTFT is None)"
@@ -205,7 +205,8 @@ def estimate_timing(
         record them; None issues none. Passing it with `PrefetchEvents` raises ValueError.
       miss: the configuration's miss handling (`SimConfig.miss`): "demand" loads each miss over the
         link; "host" computes the missed experts on the host CPU while the accelerator computes the
-        rest of the layer (needs `hardware.host_flops` and `hardware.host_memory_bandwidth`).
+        rest of the layer (needs `hardware.host_flops` and `hardware.host_memory_bandwidth`);
+        "substitute" loads only the misses that no resident substitute replaced (the events' `substitute`).
       record_transfers: keep the log of every transfer in `result.timeline.transfers`.
     """
     if miss not in MISS_MODES:
@@ -241,6 +242,15 @@ def estimate_timing(
         device_pairs = tokens[:, None] * model.top_k - host_pairs
         device_compute = moe_layer_times(model, hardware, tokens, context, request_counts - misses, pairs=device_pairs)
         demand = np.zeros_like(misses)
+    elif miss == "substitute":
+        substitute = getattr(events, "substitute", None)
+        if substitute is None or np.shape(substitute) != np.shape(outcomes):
+            raise ValueError(
+                f"events: miss mode 'substitute' needs the PrefetchEvents of a substitute run, with `substitute` of shape "
+                f"{np.shape(outcomes)}; got {None if substitute is None else np.shape(substitute)}"
+            )
+        # NOTE: a substitute that is still an in-flight prefetch is treated as resident (no wait).
+        demand = misses - (np.asarray(substitute) >= 0).sum(axis=-1, dtype=np.int64)
 
     def run(
         layer_compute: np.ndarray, loads: np.ndarray, plan: PrefetchPlan | None, host: np.ndarray | None, record: bool

@@ -414,3 +414,19 @@ def test_flame_short_run(tmp_path: Path, flame_npz: Path) -> None:
     assert learned.steps[0, 0] == 512
     assert learned.steps[7, 2] == 511  # the last pass has no next pass
     assert np.isfinite(learned.values["recall@k"]).all()
+
+
+def test_evaluation_includes_gate_speculative() -> None:
+    trace = patterned_trace()
+    # Speculative logits that single out the next layer's experts make gate-speculative exact at j = 1.
+    speculative = np.zeros((48, 3, 8), dtype=np.float32)
+    for layer in range(2):
+        np.put_along_axis(speculative[:, layer], trace.expert_ids[:, layer + 1].astype(np.int64), 5.0, axis=-1)
+    speculative[:, -1] = np.nan
+    trace = make_trace(trace.expert_ids, trace.metadata, scores=trace.scores, speculative_logits=speculative)
+    targets = build_targets(trace, 2)
+    report = evaluate_tables(trace, targets.requests, targets, first_pass=36, train_passes=36)
+    gate = report.methods["gate-speculative"].values["recall@k"]
+    np.testing.assert_allclose(gate[0, 0], 1.0)
+    np.testing.assert_allclose(gate[1, 0], 1.0)
+    assert gate[0, 1] < 1.0  # offset 2 has no speculative row

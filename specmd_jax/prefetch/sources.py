@@ -107,7 +107,7 @@ def _spread_over_offsets(per_target: np.ndarray, num_layers: int, lookahead: int
     return table.reshape(num_steps // num_layers, num_layers, lookahead, num_experts)
 
 
-def _clear_past_last_step(table: np.ndarray) -> None:
+def clear_past_last_step(table: np.ndarray) -> None:
     """Set to 0, in place, the entries of a [T, L, D, E] table whose target step s + j is past the last step."""
     num_passes, num_layers, lookahead, num_experts = table.shape
     flat = table.reshape(num_passes * num_layers, lookahead, num_experts)
@@ -131,7 +131,7 @@ def current_layer_scores(presence: np.ndarray, lookahead: int, *, max_bytes: int
     """
     _validate(presence, lookahead, max_bytes)
     table = np.repeat(presence[:, :, None, :].astype(np.float32), lookahead, axis=2)
-    _clear_past_last_step(table)
+    clear_past_last_step(table)
     return table
 
 
@@ -217,7 +217,7 @@ def cooccurrence_scores(
             summed, request_counts, out=np.zeros_like(summed), where=request_counts > 0
         )
 
-    _clear_past_last_step(table)
+    clear_past_last_step(table)
     return table
 
 

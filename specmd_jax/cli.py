@@ -136,10 +136,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from specmd_jax.study import model_shape_for
 
         model = model_shape_for(trace, args.model)
+    score_tables = None
+    if any(prefetch is not None and prefetch.name == "learned" for prefetch in prefetchers):
+        score_tables = {"learned": learned_score_table(args.predictor, trace, prefetchers)}
+    elif args.predictor is not None:
+        raise ValueError("--predictor sets the table of the 'learned' prefetcher; add learned to --prefetch")
     rows, skipped = run_study(
         trace, policies, capacities, scope=args.scope, grid=grid, seeds=seeds,
         unroll=args.unroll, progress=not args.quiet, hardware=hardware, model=model,
-        prefetchers=prefetchers, miss=args.miss, train_fraction=args.train_fraction,
+        prefetchers=prefetchers, miss=args.miss, train_fraction=args.train_fraction, score_tables=score_tables,
     )
     print(format_table(rows, skipped))
     if not rows:
@@ -153,6 +158,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         plot_rows(rows, args.plot)
         print(f"wrote the plot to {args.plot}")
     return 0
+
+
+def learned_score_table(run_dir: str | None, trace, prefetchers):
+    """Return the score table of the predictor run `run_dir` for the `learned` prefetcher.
+
+    The passes before the run's first test pass score 0, so the learned prefetcher acts only on passes
+    that its training and model selection did not read, the same passes on which the trained baselines
+    predict with `--train-fraction` equal to the run's train fraction.
+    """
+    if run_dir is None:
+        raise ValueError("--prefetch learned needs --predictor DIR, a run of `specmd-jax train-predictor`")
+    from specmd_jax.predictor.checkpoint import load_predictor
+    from specmd_jax.predictor.predict import evaluation_split, predict_scores
+
+    loaded = load_predictor(run_dir)
+    lookahead = max(prefetch.lookahead for prefetch in prefetchers if prefetch is not None and prefetch.name == "learned")
+    table = predict_scores(loaded, trace, lookahead)
+    first_held_out, _, _ = evaluation_split(loaded, trace)
+    table[:first_held_out] = 0.0
+    print(f"learned prefetcher: predicts from pass {first_held_out} on (passes the predictor did not train on)")
+    return table
 
 
 def _parse_ints(text: str, option: str, low: int) -> list[int]:
@@ -287,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--miss", choices=MISS_MODES, default="demand",
         help="miss handling: load the expert on demand, or compute it on the host without loading it",
     )
+    simulate.add_argument("--predictor", help="run directory of `specmd-jax train-predictor` for the 'learned' prefetcher")
     simulate.add_argument("--plot", help="write hit rate (and TPOT, with --hardware) against capacity per policy as PNG to this path")
     simulate.add_argument("--unroll", type=_positive_int, default=1, help="scan unroll factor (speed only)")
     simulate.add_argument("--quiet", action="store_true", help="hide the progress bar")

@@ -60,7 +60,8 @@ def evaluation_split(loaded: LoadedPredictor, trace: Trace) -> tuple[int, int, b
     same share of passes to estimate from.
     """
     saved = loaded.info.trace
-    same_trace = (saved["source"], saved["num_passes"], saved["name"]) == (trace.metadata.source, trace.num_passes, trace.name)
+    same_source = os.path.realpath(str(saved["source"])) == os.path.realpath(str(trace.metadata.source))
+    same_trace = same_source and (saved["num_passes"], saved["name"]) == (trace.num_passes, trace.name)
     if same_trace:
         return loaded.info.split.validation_end, loaded.info.split.validation_end, True
     first = split_passes(trace.num_passes, loaded.info.train["train_fraction"], loaded.info.train["validation_fraction"])

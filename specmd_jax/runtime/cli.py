@@ -44,12 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--prefetch-lookahead", type=int, default=1, metavar="D", help="steps ahead the oracle prefetcher loads (default 1)")
     parser.add_argument("--link-bandwidth", type=float, metavar="GB/s", help="emulate a host-to-device link of this bandwidth (1 GB/s = 1e9 bytes/s) and compare with the timing model")
     parser.add_argument("--link-latency", type=float, default=0.0, metavar="US", help="fixed cost of each emulated transfer, microseconds (default 0)")
-    parser.add_argument("--device", type=int, default=0, metavar="INDEX", help="index in jax.devices() of the device that holds the cache and runs the model (default 0)")
+    parser.add_argument("--device", type=int, default=0, metavar="INDEX", help="index in jax.devices() of the device for the expert cache and the model (default 0)")
     parser.add_argument("--prefill-chunk", type=int, metavar="N", help="run the prompt as prefill passes of at most N tokens (default: one pass)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32", help="parameter dtype for --model and imported checkpoints (default float32)")
     parser.add_argument("--replay", metavar="TRACE.npz", help="trace recorded by --save-trace with the same model, prompt and settings: gives Belady and the oracle the future requests")
     parser.add_argument("--save-trace", metavar="TRACE.npz", help="write the routing of the measured run as a canonical trace")
-    parser.add_argument("--repeats", type=int, default=1, metavar="N", help="measured runs; the one with the median total time is reported (default 1)")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N", help="measured runs (and as many free-link calibration runs with --link-bandwidth); each pass time and stall is the median over them (default 1)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed first run that compiles every piece (the first run then includes compile time)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to this path")
     parser.set_defaults(handler=cmd_generate)
@@ -111,10 +111,6 @@ def _pick_device(index: int):
     return devices[index]
 
 
-def _median_run(runs):
-    return sorted(runs, key=lambda run: float(run.pass_time.sum()))[len(runs) // 2]
-
-
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.2f} ms"
 
@@ -127,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Run `specmd-jax generate`."""
     from specmd_jax.record import load_model
     from specmd_jax.runtime.execution import OffloadedModel
-    from specmd_jax.runtime.generate import offloaded_generate
+    from specmd_jax.runtime.generate import median_run, offloaded_generate
     from specmd_jax.runtime.link import Link
     from specmd_jax.runtime.timing import comparison_rows, describe_outcomes, fit_compute, model_shape_for, modelled_timing
     from specmd_jax.sim.sweep import Capacity
@@ -157,11 +153,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         logger.info("warm-up run (compiles every piece)")
         run(None)
     bandwidth = None if args.link_bandwidth is None else args.link_bandwidth * 1e9
+    calibration_runs, measured_runs = [], []
+    for _ in range(args.repeats):
+        # Calibration and measured runs alternate, so a change in the machine's load affects both alike.
+        if bandwidth is not None:
+            calibration_runs.append(run(None))
+        measured_runs.append(run(bandwidth))
+    measured = median_run(measured_runs)
     fit = None
     if bandwidth is not None:
         shape = model_shape_for(config)
-        fit = fit_compute(_median_run([run(None) for _ in range(args.repeats)]), shape)
-    measured = _median_run([run(bandwidth) for _ in range(args.repeats)])
+        fit = fit_compute(median_run(calibration_runs), shape)
 
     total_items = config.num_moe_layers * config.num_experts
     link_text = "free (no emulation)" if bandwidth is None else f"emulated {args.link_bandwidth:g} GB/s, latency {args.link_latency:g} us"
@@ -184,14 +186,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         modelled = modelled_timing(measured, fit.hardware(bandwidth, args.link_latency * 1e-6), shape)
         note = " (NOTE: a fitted figure is at its search bound)" if fit.at_bound else ""
         print(
-            f"timing model: compute fitted to a free-link run: peak {fit.peak_flops:.3g} FLOP/s, memory {fit.memory_bandwidth:.3g} B/s, "
-            f"host cost {fit.transfer_latency * 1e6:.1f} us per transfer{note}"
+            f"timing model: compute fitted to a free-link run: peak {fit.peak_flops:.3g} FLOP/s, "
+            f"memory {fit.memory_bandwidth:.3g} B/s{note}"
         )
         print(f"{'':8}{'measured':>14}{'modelled':>14}{'error':>9}")
         rows = comparison_rows(measured, modelled)
         for name, observed, estimate, error in rows:
             print(f"{name:8}{_seconds(observed):>14}{_seconds(estimate):>14}{_percent(error):>9}")
-        summary["fit"] = {"peak_flops": fit.peak_flops, "memory_bandwidth": fit.memory_bandwidth, "transfer_latency_s": fit.transfer_latency, "at_bound": fit.at_bound}
+        summary["fit"] = {"peak_flops": fit.peak_flops, "memory_bandwidth": fit.memory_bandwidth, "at_bound": fit.at_bound}
         summary["modelled"] = {name.lower(): estimate for name, _, estimate, _ in rows}
     if args.save_trace:
         save_trace(measured.trace, args.save_trace)

@@ -103,6 +103,32 @@ class OffloadedRun:
         return result
 
 
+def median_run(runs: list[OffloadedRun]) -> OffloadedRun:
+    """Combine repeats of one run: the first run with each pass time and each step's stall and host
+    transfer time replaced by the median over the repeats.
+
+    Raises ValueError unless every repeat made the same decisions and generated the same tokens.
+    """
+    if not runs:
+        raise ValueError("median_run: expected at least one run, got none")
+    first = runs[0]
+    for index, run in enumerate(runs[1:], start=1):
+        same = np.array_equal(run.tokens, first.tokens) and len(run.records) == len(first.records) and all(
+            np.array_equal(a.outcomes, b.outcomes) and np.array_equal(a.victims, b.victims) and np.array_equal(a.prefetched, b.prefetched)
+            for a, b in zip(run.records, first.records)
+        )
+        if not same:
+            raise ValueError(f"median_run: run {index} made other decisions than run 0, so their times cannot be combined")
+    stalls = np.median([[record.stall for record in run.records] for run in runs], axis=0)
+    overheads = np.median([[record.transfer_overhead for record in run.records] for run in runs], axis=0)
+    records = [
+        dataclasses.replace(record, stall=float(stall), transfer_overhead=float(overhead))
+        for record, stall, overhead in zip(first.records, stalls, overheads)
+    ]
+    pass_time = np.median([run.pass_time for run in runs], axis=0)
+    return dataclasses.replace(first, records=records, pass_time=pass_time)
+
+
 def first_token_time(pass_time: np.ndarray, trace: Trace) -> float | None:
     """TTFT as the timing model defines it: the prefill passes plus the first decode pass; None without both."""
     return sequence_ttft(pass_time, trace.pass_kind, trace.pass_sequence).get(int(trace.pass_sequence[0]))

@@ -2,10 +2,11 @@
 
 The timing model needs a `Hardware` and a `ModelShape`. The shape follows from the model's config.
 The hardware's link is the emulated one. Its two compute figures (peak FLOP/s and memory bandwidth)
-and its per-transfer latency are fitted to a calibration run of the same settings on a free link,
-because the roofline is written for accelerators and has no term for the Python and dispatch overhead
-that dominates a small model on a CPU. The fitted figures are calibration constants, not the CPU's
-real throughput.
+are fitted to a calibration run of the same settings on a free link. The roofline is written for
+accelerators and has no term for the Python and dispatch overhead that dominates a small model on a
+CPU. That overhead includes the host work of each transfer (the `device_put` calls, the decisions
+and the slot writes), which a run with the same decisions repeats whatever the link. The fitted
+figures are therefore calibration constants, not the CPU's real throughput.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
-
 from specmd_jax.model.config import ModelConfig
-from specmd_jax.runtime.generate import OffloadedRun, first_token_time, mean_decode_time
+from specmd_jax.runtime.generate import OffloadedRun
 from specmd_jax.timing.estimate import TimingResult, estimate_timing
 from specmd_jax.timing.hardware import Hardware
 from specmd_jax.timing.models import ModelShape
@@ -65,28 +64,26 @@ def modelled_timing(run: OffloadedRun, hardware: Hardware, shape: ModelShape) ->
 
 @dataclasses.dataclass(frozen=True)
 class ComputeFit:
-    """Timing-model figures fitted to a calibration run on a free link.
+    """Timing-model compute figures fitted to a calibration run on a free link.
 
     Attributes:
-      peak_flops, memory_bandwidth: the `Hardware` compute figures that reproduce the run's compute time.
-      transfer_latency: the run's host seconds per transfer (issuing, waiting, writing the slot).
-      ttft, tpot: the modelled compute-only TTFT and TPOT with these figures, seconds.
+      peak_flops, memory_bandwidth: the `Hardware` compute figures that reproduce the run's pass times.
+      ttft, tpot: the modelled TTFT and TPOT of the calibration run with these figures, seconds.
       at_bound: whether a figure ended at the edge of `FIT_RANGE` (the fit could not reach its target).
     """
 
     peak_flops: float
     memory_bandwidth: float
-    transfer_latency: float
     ttft: float | None
     tpot: float | None
     at_bound: bool
 
     def hardware(self, link_bandwidth: float, link_latency: float = 0.0, name: str = "cpu-fitted") -> Hardware:
-        """Build the `Hardware` of an emulated link: the fitted figures, with the link's latency added to the host cost."""
+        """Build the `Hardware` of an emulated link from the fitted compute figures."""
         return Hardware(
             name=name, peak_flops=self.peak_flops, memory_bandwidth=self.memory_bandwidth,
-            link_bandwidth=link_bandwidth, transfer_latency=self.transfer_latency + link_latency,
-            source="compute and per-transfer host cost fitted to a free-link calibration run; link emulated",
+            link_bandwidth=link_bandwidth, transfer_latency=link_latency,
+            source="compute figures fitted to a free-link calibration run; link emulated",
         )
 
 
@@ -103,21 +100,17 @@ def _bisect_log(function, target: float) -> float:
 
 
 def fit_compute(calibration: OffloadedRun, shape: ModelShape) -> ComputeFit:
-    """Fit the timing model's compute figures and per-transfer cost to a run on a free link.
+    """Fit the timing model's compute figures to the pass times of a run on a free link.
 
-    The run's transfer time (issuing, waiting, writing slots) divided by its transfers is the
-    per-transfer cost, and the rest of each pass is compute. The memory bandwidth is fitted to the
-    mean decode pass and the peak FLOP/s to the TTFT, in turn. A one-token decode pass is memory-bound,
-    and a prefill is compute-bound at a low enough peak. Without a decode pass the bandwidth is
-    fitted to the total compute time instead.
+    The memory bandwidth is fitted to the mean decode pass and the peak FLOP/s to the TTFT, in turn.
+    A one-token decode pass is memory-bound, and a prefill is compute-bound at a low enough peak.
+    Without a decode pass the bandwidth is fitted to the total time instead.
     """
     if calibration.link_bandwidth is not None:
         raise ValueError("calibration run: expected a run on a free link (no emulated bandwidth), so its transfer costs are the host's own")
     outcomes = calibration.outcomes()
-    compute_time = np.maximum(calibration.pass_time - calibration.transfer_time, 0.0)
-    target_ttft = first_token_time(compute_time, calibration.trace)
-    target_tpot = mean_decode_time(compute_time, calibration.trace)
-    total = float(compute_time.sum())
+    target_ttft, target_tpot = calibration.ttft, calibration.tpot
+    total = float(calibration.pass_time.sum())
 
     def timed(peak: float, bandwidth: float):
         hardware = Hardware(name="fit", peak_flops=peak, memory_bandwidth=bandwidth, link_bandwidth=math.inf, transfer_latency=0.0)
@@ -133,9 +126,7 @@ def fit_compute(calibration: OffloadedRun, shape: ModelShape) -> ComputeFit:
             peak = _bisect_log(lambda p: timed(p, bandwidth).ttft, target_ttft)
     result = timed(peak, bandwidth)
     at_bound = any(math.isclose(value, bound, rel_tol=1e-3) for value in (peak, bandwidth) for bound in FIT_RANGE)
-    num_transfers = len(calibration.transfers)
-    latency = float(calibration.transfer_time.sum()) / num_transfers if num_transfers else 0.0
-    return ComputeFit(peak, bandwidth, latency, result.ttft, result.tpot, at_bound)
+    return ComputeFit(peak, bandwidth, result.ttft, result.tpot, at_bound)
 
 
 def relative_error(modelled: float | None, measured: float | None) -> float | None:
@@ -146,16 +137,12 @@ def relative_error(modelled: float | None, measured: float | None) -> float | No
 
 
 def comparison_rows(run: OffloadedRun, modelled: TimingResult) -> list[tuple[str, float | None, float | None, float | None]]:
-    """(quantity, measured seconds, modelled seconds, relative error) for TTFT, TPOT and stall time.
-
-    The measured stall adds the host time of issuing transfers and writing slots to the wait,
-    because the fitted hardware counts that time as transfer latency, which the timing model's stall includes.
-    """
+    """(quantity, measured seconds, modelled seconds, relative error) for TTFT, TPOT and stall time."""
     rows = []
     for name, measured, estimate in (
         ("TTFT", run.ttft, modelled.ttft),
         ("TPOT", run.tpot, modelled.tpot),
-        ("stall", float(run.transfer_time.sum()), modelled.total_stall),
+        ("stall", run.total_stall, modelled.total_stall),
     ):
         rows.append((name, measured, estimate, relative_error(estimate, measured)))
     return rows

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +17,12 @@ from flax import nnx
 
 from specmd_jax.model import ModelConfig, MoeTransformer, init_cache
 from specmd_jax.policies.registry import policy_names
-from specmd_jax.prefetch.registry import PrefetchConfig
+from specmd_jax.prefetch.registry import PREFETCHERS, PrefetchConfig
 from specmd_jax.runtime import (
     EnginePrefetcher, HostExperts, Link, OffloadedModel, OracleCandidates, PrefetchDecision, offloaded_generate,
 )
 from specmd_jax.runtime.manager import resolve_policy
+from specmd_jax.runtime.prefetch import TableCandidates
 from specmd_jax.sim.engine import OUTCOME_HIT
 from specmd_jax.sim.requests import build_requests
 from specmd_jax.sim.sweep import CapacityError, SimConfig, run_sweep
@@ -148,6 +150,161 @@ def test_gate_prefetch_matches_simulator(offloaded, resident, policy):
     config = SimConfig(policy, CAPACITY, prefetch=PrefetchConfig("gate-speculative", budget=3))
     _, events = run_sweep(run.trace, [config], record_events=True)
     assert_same_decisions(run, events[config])
+
+
+def learned_table(trace, lookahead: int = 3) -> np.ndarray:
+    """A hand-made float32 [T, L, D, E] table for the `learned` prefetcher: random scores, a few exact zeros."""
+    generator = np.random.default_rng(11)
+    shape = (trace.num_passes, trace.num_layers, lookahead, trace.num_experts)
+    table = generator.uniform(0.0, 1.0, shape).astype(np.float32)
+    table[generator.uniform(size=shape) < 0.2] = 0.0
+    return table
+
+
+# (prefetcher, policy, PrefetchConfig fields, train fraction). Every registry prefetcher runs at least
+# under LRU and Least-Stale, and with a budget and lookahead 2.
+TABLE_CASES = [
+    ("oracle", "lru", {"lookahead": 2, "budget": 4}, None),
+    ("oracle", "least-stale", {}, None),
+    ("top-k", "lru", {}, None),
+    ("top-k", "least-stale", {"lookahead": 2, "budget": 3}, None),
+    ("top-k", "belady", {"budget": 2, "top_k": 4}, None),
+    ("score", "lru", {}, None),
+    ("score", "least-stale", {"lookahead": 2, "budget": 3, "threshold": 0.5}, None),
+    ("score", "random", {}, 0.5),
+    ("previous-pass", "lru", {}, None),
+    ("previous-pass", "least-stale", {"budget": 2}, None),
+    ("co-occurrence", "lru", {"top_k": 3}, None),
+    ("co-occurrence", "least-stale", {"lookahead": 2, "budget": 3}, 0.5),
+    ("co-occurrence", "s3fifo", {"lookahead": 3}, None),
+    ("gate-speculative", "lru", {}, None),
+    ("gate-speculative", "least-stale", {"lookahead": 2, "budget": 3}, None),
+    ("learned", "lru", {"lookahead": 2}, None),
+    ("learned", "least-stale", {"lookahead": 2, "budget": 3, "top_k": 3}, None),
+]
+
+
+def test_table_cases_cover_every_prefetcher():
+    assert {case[0] for case in TABLE_CASES} == set(PREFETCHERS)
+
+
+@pytest.mark.parametrize("name, policy, fields, train_fraction", TABLE_CASES, ids=lambda value: str(value))
+def test_replayed_prefetcher_matches_simulator(offloaded, resident, recorded, name, policy, fields, train_fraction):
+    score_tables = {"learned": learned_table(recorded.trace)}
+    fraction = {} if train_fraction is None else {"train_fraction": train_fraction}
+    run = offloaded_generate(
+        offloaded, PROMPT, NEW_TOKENS, policy=policy, capacity=CAPACITY, replay=recorded.trace, prefetch=name,
+        prefetch_lookahead=fields.get("lookahead", 1), prefetch_budget=fields.get("budget"),
+        prefetch_top_k=fields.get("top_k"), prefetch_threshold=fields.get("threshold", 0.9),
+        score_tables=score_tables, **fraction,
+    )
+    np.testing.assert_array_equal(run.tokens, resident[0])
+    np.testing.assert_allclose(run.logits, resident[1], rtol=1e-5, atol=1e-5)
+    prefetches = sum(record.prefetched.size for record in run.records)
+    assert prefetches > 0, "the case should prefetch, or it checks only the demand phase"
+    if "budget" in fields:
+        assert max(record.prefetched.size for record in run.records) <= fields["budget"]
+
+    config = SimConfig(policy, CAPACITY, prefetch=PrefetchConfig(name, **fields))
+    (result,), events = run_sweep(recorded.trace, [config], record_events=True, score_tables=score_tables, **fraction)
+    assert_same_decisions(run, events[config])
+    assert (result.requests, result.hits) == (run.requests, run.hits)
+    assert result.prefetches == prefetches
+
+
+def test_learned_table_changes_decisions(offloaded, recorded):
+    """The learned prefetcher follows the table it is given: two tables give other prefetches."""
+    first = learned_table(recorded.trace, 1)
+    runs = [
+        offloaded_generate(
+            offloaded, PROMPT, NEW_TOKENS, policy="lru", capacity=CAPACITY, replay=recorded.trace, prefetch="learned",
+            score_tables={"learned": table},
+        )
+        for table in (first, first[..., ::-1].copy())
+    ]
+    assert [r.prefetched.tolist() for r in runs[0].records] != [r.prefetched.tolist() for r in runs[1].records]
+
+
+def test_table_candidates_hand_worked():
+    """Step 0 of a 2-layer, 4-expert table scores layer 1 (flat ids 4 .. 7) at lookahead 1.
+
+    Scores 0.1, 0.7, 0.7, 0.4 with top-3: the ranking is expert 1, 2 (tie, smaller id first), 3. Expert 2
+    (flat 6) is resident, so it is proposed first, to be protected, then flat 5 and 7 in priority order.
+    """
+    scores = np.zeros((2, 2, 1, 4), np.float32)
+    scores[0, 0, 0] = [0.1, 0.7, 0.7, 0.4]
+    resident = np.zeros(8, bool)
+    resident[[0, 6]] = True
+    source = TableCandidates(scores, "top-k", top_k=3, threshold=0.9, budget=8, num_layers=2)
+    context = SimpleNamespace(step=0, pool=SimpleNamespace(resident=jnp.asarray(resident)))
+    flat, targets = source(context)
+    assert flat.tolist() == [6, 5, 7]
+    assert targets[1:].tolist() == [1, 1]
+
+    limited = TableCandidates(scores, "top-k", top_k=3, threshold=0.9, budget=1, num_layers=2)
+    assert limited(context)[0].tolist() == [6, 5]
+    everything = TableCandidates(scores, "all", top_k=1, threshold=0.9, budget=8, num_layers=2)
+    assert everything(context)[0].tolist() == [6, 5, 7, 4]
+    # Mass 0.5 of the total 1.9 is 0.95. Expert 1 alone scores 0.7 < 0.95, so expert 2 is selected too,
+    # and the two score 1.4 >= 0.95, so expert 3 is not.
+    mass = TableCandidates(scores, "mass", top_k=1, threshold=0.5, budget=8, num_layers=2)
+    assert mass(context)[0].tolist() == [6, 5]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"scores": np.zeros((2, 3, 1, 4), np.float32)}, r"expected 2 layers on axis 1 .* got shape \(2, 3, 1, 4\)"),
+        ({"scores": np.zeros((5, 1, 4), np.float32)}, r"\[T \* L, D, E\] with L = 2"),
+        ({"scores": np.full((2, 2, 1, 4), -1.0, np.float32)}, r"finite scores >= 0, got -1.0 at index \(0, 0, 0\)"),
+        ({"scores": np.full((2, 2, 1, 4), np.nan, np.float32)}, r"finite scores >= 0, got nan"),
+        ({"selection": "best"}, r"invalid selection 'best'"),
+        ({"top_k": 0}, r"top_k: expected an integer >= 1, got 0"),
+        ({"budget": -1}, r"budget: expected an integer >= 0, got -1"),
+        ({"threshold": 1.5}, r"threshold: expected a number in \(0, 1\], got 1.5"),
+    ],
+)
+def test_table_candidates_rejects_bad_input(changes, message):
+    arguments = {"scores": np.zeros((2, 2, 1, 4), np.float32), "selection": "top-k", "top_k": 2, "threshold": 0.9, "budget": 2}
+    arguments.update(changes)
+    with pytest.raises(ValueError, match=message):
+        TableCandidates(
+            arguments["scores"], arguments["selection"], top_k=arguments["top_k"], threshold=arguments["threshold"],
+            budget=arguments["budget"], num_layers=2,
+        )
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"prefetch": "co-occurrence"}, r"prefetch 'co-occurrence' builds its score table from a recorded trace: pass replay=trace"),
+        ({"prefetch": "nearest"}, r"invalid prefetch 'nearest'"),
+        ({"prefetch": "gate", "prefetch_lookahead": 2}, r"gate .* needs 1, got 2"),
+        ({"prefetch": "gate", "prefetch_top_k": 0}, r"prefetch_top_k: expected an integer >= 1 .* got 0"),
+        ({"prefetch": "gate", "prefetch_budget": -1}, r"prefetch_budget: expected an integer >= 0 .* got -1"),
+        ({"prefetch": "gate", "prefetch_threshold": 0.0}, r"prefetch_threshold: expected a number in \(0, 1\], got 0.0"),
+    ],
+)
+def test_prefetch_settings_rejected(offloaded, settings, message):
+    with pytest.raises(ValueError, match=message):
+        offloaded_generate(offloaded, PROMPT, 2, policy="lru", capacity=CAPACITY, **settings)
+
+
+def test_replayed_prefetch_settings_rejected(offloaded, recorded):
+    replay = dict(policy="lru", capacity=CAPACITY, replay=recorded.trace)
+    with pytest.raises(ValueError, match=r"prefetch_lookahead: expected an integer in \[1, 3\] .* got 4"):
+        offloaded_generate(offloaded, PROMPT, NEW_TOKENS, prefetch="oracle", prefetch_lookahead=4, **replay)
+    with pytest.raises(ValueError, match=r"'learned' needs a score table: pass score_tables=\{'learned': table\}"):
+        offloaded_generate(offloaded, PROMPT, NEW_TOKENS, prefetch="learned", **replay)
+    with pytest.raises(ValueError, match=r"score table 'learned': expected shape \(6, 3, D, 8\)"):
+        offloaded_generate(
+            offloaded, PROMPT, NEW_TOKENS, prefetch="learned", score_tables={"learned": np.zeros((6, 3, 1, 5), np.float32)}, **replay,
+        )
+    with pytest.raises(ValueError, match=r"train_fraction=0.1 of 6 passes leaves 0 passes to train on"):
+        offloaded_generate(offloaded, PROMPT, NEW_TOKENS, prefetch="top-k", train_fraction=0.1, **replay)
+    plain = offloaded_generate(offloaded, PROMPT, NEW_TOKENS, policy="lru", capacity=CAPACITY)
+    with pytest.raises(ValueError, match=r"has no speculative_logits"):
+        offloaded_generate(offloaded, PROMPT, NEW_TOKENS, prefetch="gate-speculative", **{**replay, "replay": plain.trace})
 
 
 def test_prefetched_experts_are_hits(offloaded, recorded):

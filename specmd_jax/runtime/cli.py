@@ -21,6 +21,7 @@ DEFAULT_POLICY = "least-stale"
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `generate` subcommand to the CLI's subparsers."""
     from specmd_jax.policies.registry import policy_names
+    from specmd_jax.prefetch.registry import DEFAULT_THRESHOLD, DEFAULT_TRAIN_FRACTION
     from specmd_jax.runtime.generate import PREFETCHERS
 
     parser = subparsers.add_parser(
@@ -39,15 +40,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--capacity", default=DEFAULT_CAPACITY, help=f"cache slots: a fraction of all layers x experts (0.05) or a slot count (96) (default {DEFAULT_CAPACITY})")
     parser.add_argument("--policy", default=DEFAULT_POLICY, choices=policy_names(), help=f"eviction policy (default {DEFAULT_POLICY}); belady needs --replay")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random policy and of --model's initialisation (default 0)")
-    parser.add_argument("--prefetch", default="none", choices=PREFETCHERS, help="prefetcher: gate runs the next layer's router on this layer's input; oracle (needs --replay) loads the true next requests (default none)")
-    parser.add_argument("--prefetch-budget", type=int, metavar="N", help="maximum prefetches per step (default: limited only by the free and evictable slots)")
-    parser.add_argument("--prefetch-lookahead", type=int, default=1, metavar="D", help="steps ahead the oracle prefetcher loads (default 1)")
+    parser.add_argument(
+        "--prefetch", default="none", choices=PREFETCHERS,
+        help="prefetcher (default none): gate runs the next layer's router on this layer's input during the run; the "
+        "others are the simulator's prefetchers (see docs/semantics.md), which build their score tables from the trace "
+        "given with --replay and make the simulator's decisions on it",
+    )
+    parser.add_argument(
+        "--prefetch-budget", type=int, metavar="N",
+        help="maximum prefetches per step (default: no limit for gate; lookahead x the trace's largest request set for the others)",
+    )
+    parser.add_argument("--prefetch-lookahead", type=int, default=1, metavar="D", help="steps ahead a replayed prefetcher scores, 1 .. the MoE layers; gate needs 1 (default 1)")
+    parser.add_argument("--prefetch-top-k", type=int, metavar="K", help="experts per target step for the top-k prefetchers: gate, top-k, co-occurrence, gate-speculative, learned (default: the model's top-k)")
+    parser.add_argument("--prefetch-threshold", type=float, metavar="SHARE", help=f"score share per target step for the 'score' prefetcher, in (0, 1] (default {DEFAULT_THRESHOLD})")
+    parser.add_argument(
+        "--train-fraction", type=float, default=DEFAULT_TRAIN_FRACTION, metavar="SHARE",
+        help=f"share of the replayed passes on which top-k, score and co-occurrence estimate their tables, in (0, 1) (default {DEFAULT_TRAIN_FRACTION})",
+    )
+    parser.add_argument("--predictor", metavar="DIR", help="run directory of `specmd-jax train-predictor`: the score table of the 'learned' prefetcher")
     parser.add_argument("--link-bandwidth", type=float, metavar="GB/s", help="emulate a host-to-device link of this bandwidth (1 GB/s = 1e9 bytes/s) and compare with the timing model")
     parser.add_argument("--link-latency", type=float, default=0.0, metavar="US", help="fixed cost of each emulated transfer, microseconds (default 0)")
     parser.add_argument("--device", type=int, default=0, metavar="INDEX", help="index in jax.devices() of the device for the expert cache and the model (default 0)")
     parser.add_argument("--prefill-chunk", type=int, metavar="N", help="run the prompt as prefill passes of at most N tokens (default: one pass)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32", help="parameter dtype for --model and imported checkpoints (default float32)")
-    parser.add_argument("--replay", metavar="TRACE.npz", help="trace recorded by --save-trace with the same model, prompt and settings: gives Belady and the oracle the future requests")
+    parser.add_argument("--replay", metavar="TRACE.npz", help="trace recorded by --save-trace with the same model, prompt and passes: gives Belady the future requests and the prefetchers other than gate their score tables")
     parser.add_argument("--save-trace", metavar="TRACE.npz", help="write the routing of the measured run as a canonical trace")
     parser.add_argument("--repeats", type=int, default=1, metavar="N", help="measured runs (and as many free-link calibration runs with --link-bandwidth); each pass time and stall is the median over them (default 1)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed first run that compiles every piece (the first run then includes compile time)")
@@ -72,11 +88,43 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--link-latency sets the emulated link; give --link-bandwidth too")
     if args.policy == "belady" and args.replay is None:
         raise ValueError("--policy belady needs the future requests, which a live run does not know: record a trace with --save-trace and pass it with --replay")
-    if args.prefetch == "oracle" and args.replay is None:
-        raise ValueError("--prefetch oracle loads the true future requests: record a trace with --save-trace and pass it with --replay")
+    _check_prefetch_args(args)
     for flag, path in (("--save-trace", args.save_trace), ("--json", args.json)):
         if path is not None and (Path(path).is_dir() or not Path(path).parent.is_dir()):
             raise ValueError(f"invalid {flag} '{path}': expected a file path in an existing folder")
+
+
+def _check_prefetch_args(args: argparse.Namespace) -> None:
+    from specmd_jax.prefetch.registry import PREFETCHERS as TABLE_PREFETCHERS
+
+    name = args.prefetch
+    if name not in ("none", "gate") and args.replay is None:
+        raise ValueError(
+            f"--prefetch {name} builds its score table from a recorded trace: record a trace with --save-trace and pass it with --replay"
+        )
+    selection = None  # none selects nothing
+    if name == "gate":
+        selection = "top-k"
+    elif name in TABLE_PREFETCHERS:
+        selection = TABLE_PREFETCHERS[name].selection
+    if args.prefetch_top_k is not None:
+        if args.prefetch_top_k < 1:
+            raise ValueError(f"invalid --prefetch-top-k {args.prefetch_top_k}: expected an integer >= 1")
+        if selection != "top-k":
+            raise ValueError(f"--prefetch-top-k sets the top-k selection, but --prefetch {name} does not use it")
+    if args.prefetch_threshold is not None:
+        if not 0 < args.prefetch_threshold <= 1:
+            raise ValueError(f"invalid --prefetch-threshold {args.prefetch_threshold}: expected a number in (0, 1]")
+        if selection != "mass":
+            raise ValueError(f"--prefetch-threshold sets the mass selection of the 'score' prefetcher, but --prefetch is {name}")
+    if not 0 < args.train_fraction < 1:
+        raise ValueError(f"invalid --train-fraction {args.train_fraction}: expected a number in (0, 1)")
+    if name == "gate" and args.prefetch_lookahead != 1:
+        raise ValueError(f"invalid --prefetch-lookahead {args.prefetch_lookahead}: gate proposes experts of the next MoE layer only, so it needs 1")
+    if name == "learned" and args.predictor is None:
+        raise ValueError("--prefetch learned needs --predictor DIR, a run of `specmd-jax train-predictor`")
+    if args.predictor is not None and name != "learned":
+        raise ValueError(f"--predictor sets the score table of the 'learned' prefetcher, but --prefetch is {name}")
 
 
 def _read_prompt(path: str, tokenizer, prompt_tokens: int | None, vocab_size: int) -> np.ndarray:
@@ -111,6 +159,18 @@ def _pick_device(index: int):
     return devices[index]
 
 
+def _prefetch_label(args: argparse.Namespace) -> str:
+    """Return the prefetcher's name with the settings its selection uses, as the simulator labels it."""
+    from specmd_jax.prefetch.registry import DEFAULT_THRESHOLD, PREFETCHERS, PrefetchConfig
+
+    if args.prefetch not in PREFETCHERS:
+        return args.prefetch
+    threshold = DEFAULT_THRESHOLD if args.prefetch_threshold is None else args.prefetch_threshold
+    return PrefetchConfig(
+        args.prefetch, lookahead=args.prefetch_lookahead, top_k=args.prefetch_top_k, threshold=threshold, budget=args.prefetch_budget,
+    ).label
+
+
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.2f} ms"
 
@@ -121,6 +181,7 @@ def _percent(value: float | None) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run `specmd-jax generate`."""
+    from specmd_jax.prefetch.registry import DEFAULT_THRESHOLD
     from specmd_jax.record import load_model
     from specmd_jax.runtime.execution import OffloadedModel
     from specmd_jax.runtime.generate import median_run, offloaded_generate
@@ -140,9 +201,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     offloaded = OffloadedModel(model, device)
     del model
 
+    score_tables = None
+    if args.predictor is not None:
+        from specmd_jax.predictor.predict import predict_scores
+
+        # Every replayed pass is scored, unlike `simulate --prefetch learned`, which scores only the passes after
+        # the predictor's training and validation share.
+        score_tables = {"learned": predict_scores(args.predictor, replay, args.prefetch_lookahead)}
     settings = dict(
         policy=args.policy, capacity=slots, seed=args.seed, prefetch=args.prefetch, prefetch_budget=args.prefetch_budget,
-        prefetch_lookahead=args.prefetch_lookahead, prefill_chunk=args.prefill_chunk, replay=replay, model_name=model_name,
+        prefetch_lookahead=args.prefetch_lookahead, prefetch_top_k=args.prefetch_top_k,
+        prefetch_threshold=DEFAULT_THRESHOLD if args.prefetch_threshold is None else args.prefetch_threshold,
+        train_fraction=args.train_fraction, score_tables=score_tables, prefill_chunk=args.prefill_chunk, replay=replay,
+        model_name=model_name,
     )
 
     def run(bandwidth: float | None):
@@ -168,7 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     total_items = config.num_moe_layers * config.num_experts
     link_text = "free (no emulation)" if bandwidth is None else f"emulated {args.link_bandwidth:g} GB/s, latency {args.link_latency:g} us"
     print(f"model: {model_name}, {config.num_moe_layers} MoE layers x {config.num_experts} experts, top-{config.top_k}, {config.dtype}")
-    print(f"device: {device}; policy {measured.policy}; capacity {slots} of {total_items} experts ({capacity_option}); prefetch {args.prefetch}; link {link_text}")
+    print(f"device: {device}; policy {measured.policy}; capacity {slots} of {total_items} experts ({capacity_option}); prefetch {_prefetch_label(args)}; link {link_text}")
     print(f"prompt {prompt.shape[1]} tokens in {int((measured.trace.pass_kind == 0).sum())} prefill passes; {args.gen_tokens} tokens generated")
     if hasattr(tokenizer, "decode"):
         print(f"output: {tokenizer.decode(measured.tokens[0])!r}")
@@ -177,7 +248,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "model": model_name, "device": str(device), "policy": measured.policy, "capacity": slots, "prefetch": args.prefetch,
         "link_bandwidth_gbs": args.link_bandwidth, "link_latency_us": args.link_latency, "prompt_tokens": int(prompt.shape[1]),
         "gen_tokens": args.gen_tokens, "tokens": measured.tokens[0].tolist(), "requests": measured.requests, "hits": measured.hits, "hit_rate": measured.hit_rate,
-        "transfers": len(measured.transfers), "bytes_moved": measured.bytes_moved, "ttft_s": measured.ttft,
+        "transfers": len(measured.transfers), "prefetches": sum(r.prefetched.size for r in measured.records), "bytes_moved": measured.bytes_moved, "ttft_s": measured.ttft,
         "tpot_s": measured.tpot, "stall_s": measured.total_stall, "transfer_overhead_s": float(sum(r.transfer_overhead for r in measured.records)),
     }
     if fit is None:

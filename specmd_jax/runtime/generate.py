@@ -10,14 +10,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
+from specmd_jax.prefetch import registry
+from specmd_jax.prefetch.registry import DEFAULT_THRESHOLD, DEFAULT_TRAIN_FRACTION, PrefetchConfig, build_score_table, resolved_params
 from specmd_jax.runtime.execution import OffloadedModel
 from specmd_jax.runtime.link import Link, Transfer
 from specmd_jax.runtime.manager import ExpertCacheManager, Prefetcher, StepRecord
-from specmd_jax.runtime.prefetch import EnginePrefetcher, GateCandidates, OracleCandidates
+from specmd_jax.runtime.prefetch import EnginePrefetcher, GateCandidates, TableCandidates
 from specmd_jax.sim.prefetch import next_request_table
 from specmd_jax.sim.requests import build_requests, request_presence
 from specmd_jax.timing.estimate import sequence_ttft
@@ -25,9 +28,13 @@ from specmd_jax.traces.trace import PASS_DECODE, PASS_PREFILL, Trace, TraceMetad
 
 logger = logging.getLogger(__name__)
 
-PREFETCHERS = ("none", "gate", "oracle")
-"""Prefetchers by name: none; gate (the next layer's router on this layer's input, live); oracle
-(the true next requests, replay only)."""
+REPLAY_PREFETCHERS = tuple(registry.PREFETCHERS)
+"""The simulator's prefetchers (`specmd_jax.prefetch.registry.PREFETCHERS`). Their score tables are built
+from a recorded trace, so they run only when one is replayed."""
+
+PREFETCHERS = ("none", "gate") + REPLAY_PREFETCHERS
+"""Prefetchers by name: none; gate (the next layer's router on this layer's input, live); and the
+`REPLAY_PREFETCHERS`."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -179,6 +186,10 @@ def offloaded_generate(
     prefetch: str = "none",
     prefetch_budget: int | None = None,
     prefetch_lookahead: int = 1,
+    prefetch_top_k: int | None = None,
+    prefetch_threshold: float = DEFAULT_THRESHOLD,
+    train_fraction: float = DEFAULT_TRAIN_FRACTION,
+    score_tables: Mapping[str, np.ndarray] | None = None,
     prefetcher: Prefetcher | None = None,
     prefill_chunk: int | None = None,
     replay: Trace | None = None,
@@ -190,8 +201,19 @@ def offloaded_generate(
     Args:
       capacity: cache slots for all L x E experts (one `global` pool).
       link: the link to the cache's device (default: `model.device`, no emulation).
-      prefetch: one of `PREFETCHERS`; `prefetch_budget` caps prefetches per step and
-        `prefetch_lookahead` sets the oracle's steps ahead.
+      prefetch: one of `PREFETCHERS`. A name of `REPLAY_PREFETCHERS` needs `replay` and makes the
+        decisions of `run_sweep` with `PrefetchConfig(prefetch, prefetch_lookahead, prefetch_top_k,
+        prefetch_threshold, prefetch_budget)` on the replayed trace.
+      prefetch_budget: the maximum prefetches per step. None means no limit for gate, and for a replay
+        prefetcher the registry's default (lookahead x the trace's largest request set).
+      prefetch_lookahead: steps ahead a replay prefetcher scores, in [1, L]; gate needs 1.
+      prefetch_top_k: experts per target step for the top-k selections (gate included); None means
+        the model's top-k.
+      prefetch_threshold: score share per target step for the mass selection (`score`), in (0, 1].
+      train_fraction: share of the replayed passes on which the trained prefetchers (top-k, score,
+        co-occurrence) estimate their tables.
+      score_tables: float32 [T, L, D, E] tables by prefetcher name, as for `run_sweep`; required for
+        `learned` (e.g. from `specmd_jax.predictor.predict.predict_scores`).
       prefetcher: a custom prefetch phase; it replaces `prefetch`.
       replay: a trace recorded from the same model, prompt and pass layout. Its next-request steps are
         given to the policy (Belady needs them), and a run whose routing leaves it raises ValueError.
@@ -204,10 +226,9 @@ def offloaded_generate(
         raise ValueError(f"prompt: expected token ids of shape [batch, length >= 1], got shape {prompt.shape}")
     if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, (int, np.integer)) or num_new_tokens < 1:
         raise ValueError(f"num_new_tokens: expected a positive integer, got {num_new_tokens!r}")
-    if prefetch not in PREFETCHERS:
-        raise ValueError(f"invalid prefetch {prefetch!r}: expected one of {PREFETCHERS}")
-    if prefetch == "oracle" and replay is None:
-        raise ValueError("prefetch 'oracle' reads the future requests from a recorded trace: pass replay=trace")
+    _check_prefetch_args(
+        prefetch, prefetch_budget, prefetch_lookahead, prefetch_top_k, prefetch_threshold, replay, config.num_moe_layers
+    )
     batch, prompt_length = prompt.shape
     total = prompt_length + num_new_tokens - 1
     if total > config.max_seq_len:
@@ -226,8 +247,15 @@ def offloaded_generate(
         model.host, policy=policy, capacity=capacity, link=link, num_steps=num_steps,
         knows_next_use=replay is not None, seed=seed, params=params,
     )
-    manager.prefetcher = prefetcher or _make_prefetcher(manager, model, prefetch, prefetch_budget, prefetch_lookahead, replay, requests, seed)
     want_speculative = record_speculative or (prefetcher is None and prefetch == "gate")
+    if prefetcher is None and prefetch == "gate":
+        prefetcher = _gate_prefetcher(manager, config, prefetch_budget, prefetch_top_k, seed)
+    elif prefetcher is None and prefetch != "none":
+        prefetch_config = PrefetchConfig(
+            prefetch, lookahead=prefetch_lookahead, top_k=prefetch_top_k, threshold=prefetch_threshold, budget=prefetch_budget,
+        )
+        prefetcher = _table_prefetcher(manager, prefetch_config, replay, requests, train_fraction, score_tables, seed)
+    manager.prefetcher = prefetcher
 
     kv_cache = list(model.init_cache(batch, total).layers)
     position = 0
@@ -305,17 +333,50 @@ def _replay_next_steps(requests, pass_index: int, layer: int, selected: np.ndarr
     return requests.next_step[pass_index, layer, :count]
 
 
-def _make_prefetcher(manager, model, prefetch, budget, lookahead, replay, requests, seed):
-    if prefetch == "none":
-        return None
-    config = model.config
-    if prefetch == "gate":
-        source, width = GateCandidates(config.num_moe_layers, config.num_experts, config.top_k), config.num_experts
-    else:
-        source, width = OracleCandidates(requests, config.num_experts, lookahead), config.num_experts * lookahead
-    next_use = None if replay is None else next_request_table(request_presence(replay))
+def _check_prefetch_args(prefetch, budget, lookahead, top_k, threshold, replay, num_layers: int) -> None:
+    if prefetch not in PREFETCHERS:
+        raise ValueError(f"invalid prefetch {prefetch!r}: expected one of {PREFETCHERS}")
+    if prefetch in REPLAY_PREFETCHERS and replay is None:
+        raise ValueError(
+            f"prefetch {prefetch!r} builds its score table from a recorded trace: pass replay=trace, a run recorded with "
+            "the same model, prompt and passes"
+        )
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0):
+        raise ValueError(f"prefetch_budget: expected an integer >= 0 or None (the default limit), got {budget!r}")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, (int, np.integer)) or not 1 <= lookahead <= num_layers:
+        raise ValueError(f"prefetch_lookahead: expected an integer in [1, {num_layers}] (the MoE layers), got {lookahead!r}")
+    if prefetch == "gate" and lookahead != 1:
+        raise ValueError(f"prefetch_lookahead: gate proposes experts of the next MoE layer only, so it needs 1, got {lookahead}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"prefetch_top_k: expected an integer >= 1 or None (the model's top-k), got {top_k!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ValueError(f"prefetch_threshold: expected a number in (0, 1], got {threshold!r}")
+
+
+def _gate_prefetcher(manager, config, budget, top_k, seed) -> EnginePrefetcher:
+    source = GateCandidates(config.num_moe_layers, config.num_experts, config.top_k if top_k is None else top_k)
     return EnginePrefetcher(
         manager.policy, manager.params, source, num_layers=config.num_moe_layers, num_experts=config.num_experts,
-        num_steps=manager.num_steps, max_candidates=width, budget=budget, next_use=next_use, seed=seed,
+        num_steps=manager.num_steps, max_candidates=config.num_experts, budget=budget, seed=seed,
         decision_device=manager.decision_device,
+    )
+
+
+def _table_prefetcher(manager, prefetch: PrefetchConfig, replay, requests, train_fraction, score_tables, seed) -> EnginePrefetcher:
+    """Build a registry prefetcher with the simulator's score table, selection and resolved parameters."""
+    presence = request_presence(replay)
+    table = build_score_table(
+        replay, presence, prefetch.prefetcher, prefetch.lookahead, train_fraction=train_fraction, score_tables=score_tables,
+    )
+    top_k, threshold, budget = resolved_params(prefetch, replay.metadata.top_k, requests.max_requests)
+    num_layers, num_experts = replay.num_layers, replay.num_experts
+    source = TableCandidates(
+        table, prefetch.prefetcher.selection, top_k=top_k, threshold=threshold, budget=budget, num_layers=num_layers,
+        decision_device=manager.decision_device,
+    )
+    logger.info("prefetcher %s on the replayed trace: top_k %d, threshold %g, budget %d", prefetch.label, top_k, threshold, budget)
+    return EnginePrefetcher(
+        manager.policy, manager.params, source, num_layers=num_layers, num_experts=num_experts,
+        num_steps=manager.num_steps, max_candidates=source.max_candidates, budget=budget,
+        next_use=next_request_table(presence), seed=seed, decision_device=manager.decision_device,
     )

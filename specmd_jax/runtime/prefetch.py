@@ -6,8 +6,11 @@ order, already resident candidates protected from eviction, the same budget and 
 candidate source proposes the items of coming steps:
 - `GateCandidates`, live: MoE layer l + 1's router applied to layer l's router input (the model's
   speculative logits), scored and selected like the simulator's `gate-speculative` prefetcher.
+- `TableCandidates`, replay: a score table of a registry prefetcher
+  (`specmd_jax.prefetch.registry.build_score_table`) and its selection rule, selected per step by the
+  simulator's own `select_candidates`, so every registry prefetcher makes the simulator's choices.
 - `OracleCandidates`, replay only: the true requests of the next `lookahead` steps of a recorded trace,
-  like the simulator's `oracle` prefetcher.
+  like the simulator's `oracle` prefetcher, without a score table.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import numpy as np
 from specmd_jax.policies.base import NEVER, EvictionPolicy
 from specmd_jax.runtime.manager import PrefetchContext, PrefetchDecision
 from specmd_jax.sim.engine import init_tracking, prefetch_step
+from specmd_jax.sim.prefetch import SELECTIONS, PrefetchParams, select_candidates
 from specmd_jax.sim.requests import StepRequests
 
 CandidateSource = Callable[[PrefetchContext], tuple[np.ndarray, np.ndarray]]
 """Returns (flat ids in priority order, the step each is meant for); both int32 and of equal length.
-Resident items may be proposed: they are kept (protected from eviction) rather than loaded."""
+Resident items may be proposed: they are kept (protected from eviction) rather than loaded, and their
+step is not read."""
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "num_steps"))
@@ -184,3 +189,91 @@ class OracleCandidates:
             flat.append(experts + layer * self.num_experts)
             targets.append(np.full(experts.size, target))
         return np.concatenate(flat).astype(np.int32), np.concatenate(targets).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("selection", "num_layers", "max_budget"))
+def _select_step(table, resident, step, params, *, selection, num_layers, max_budget):
+    return select_candidates(
+        table[step], resident, step, params,
+        selection=selection, num_layers=num_layers, num_steps=table.shape[0], max_budget=max_budget,
+    )
+
+
+class TableCandidates:
+    """Select candidates from a score table with the simulator's `select_candidates`, step by step.
+
+    Proposes the selected experts that are already resident first (ascending flat id, to be protected)
+    and then the non-resident candidates in the simulator's priority order: lookahead, then score, then
+    expert id, at most `budget` of them. Pair it with an `EnginePrefetcher` whose `max_candidates` is
+    `self.max_candidates` and whose budget is `budget`, as the simulator's prefetch scan does.
+
+    Args:
+      scores: float32 [T, L, D, E] or [T * L, D, E], the table of a registry prefetcher, e.g. from
+        `specmd_jax.prefetch.registry.build_score_table`. Row s scores the experts of steps s + 1 .. s + D.
+      selection: one of `specmd_jax.sim.prefetch.SELECTIONS` (all, top-k, mass).
+      top_k, threshold, budget: the resolved parameters (`specmd_jax.prefetch.registry.resolved_params`).
+      num_layers: L, the MoE layers.
+      decision_device: where the selection runs (the first CPU device by default).
+    """
+
+    def __init__(
+        self,
+        scores: np.ndarray,
+        selection: str,
+        *,
+        top_k: int,
+        threshold: float,
+        budget: int,
+        num_layers: int,
+        decision_device: jax.Device | None = None,
+    ):
+        scores = np.asarray(scores)
+        if scores.ndim == 4:
+            if scores.shape[1] != num_layers:
+                raise ValueError(f"score table: expected {num_layers} layers on axis 1 of [T, L, D, E], got shape {scores.shape}")
+            scores = scores.reshape(-1, *scores.shape[2:])
+        if scores.ndim != 3 or min(scores.shape) < 1 or scores.shape[0] % num_layers:
+            raise ValueError(
+                f"score table: expected shape [T, L, D, E] or [T * L, D, E] with L = {num_layers} and no empty axis, "
+                f"got {scores.shape}"
+            )
+        if not np.issubdtype(scores.dtype, np.floating):
+            raise ValueError(f"score table: expected float32 scores, got dtype {scores.dtype}")
+        bad = ~np.isfinite(scores) | (scores < 0)
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"score table: expected finite scores >= 0, got {scores[index]} at index {index} of [T * L, D, E]")
+        if selection not in SELECTIONS:
+            raise ValueError(f"invalid selection {selection!r}: expected one of {SELECTIONS}")
+        _check_integer("top_k", top_k, 1)
+        _check_integer("budget", budget, 0)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or not 0 < threshold <= 1:
+            raise ValueError(f"prefetch threshold: expected a number in (0, 1], got {threshold!r}")
+
+        device = decision_device or jax.devices("cpu")[0]
+        self.table = jax.device_put(scores.astype(np.float32), device)
+        self.selection, self.num_layers = selection, int(num_layers)
+        self.num_steps = scores.shape[0]
+        self.budget = int(budget)
+        # The simulator sizes its candidate list as the largest budget of a group, at least 1.
+        self.max_candidates = max(1, self.budget)
+        self.params = jax.device_put(
+            PrefetchParams(top_k=np.int32(top_k), threshold=np.float32(threshold), budget=np.int32(budget)), device
+        )
+
+    def __call__(self, context: PrefetchContext) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= context.step < self.num_steps:
+            raise ValueError(f"step {context.step} is outside the score table's {self.num_steps} steps")
+        candidates, targets, keep_resident = jax.device_get(_select_step(
+            self.table, context.pool.resident, np.int32(context.step), self.params,
+            selection=self.selection, num_layers=self.num_layers, max_budget=self.max_candidates,
+        ))
+        protected = np.flatnonzero(keep_resident).astype(np.int32)
+        chosen = candidates >= 0
+        flat = np.concatenate([protected, candidates[chosen]]).astype(np.int32)
+        return flat, np.concatenate([np.full(protected.size, -1, np.int32), targets[chosen]]).astype(np.int32)
+
+
+def _check_integer(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"prefetch {name}: expected an integer >= {low}, got {value!r}")

@@ -124,11 +124,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ValueError("--model sets the model shape of the timing model; give --hardware too")
 
     prefetchers = parse_prefetch_options(args)
-    if (any(prefetchers) or args.miss != "demand") and args.scope != "global":
-        raise ValueError(f"--prefetch and --miss host are simulated in global scope only, got --scope {args.scope}")
+    if any(prefetchers) and args.scope != "global":
+        raise ValueError(f"--prefetch is simulated in global scope only, got --scope {args.scope}; use --scope global")
+    if args.miss != "demand" and args.scope != "global":
+        raise ValueError(f"--miss {args.miss} is simulated in global scope only, got --scope {args.scope}; use --scope global")
+    if not 0 < args.train_fraction < 1:
+        raise ValueError(f"invalid --train-fraction {args.train_fraction}: expected a number in (0, 1)")
     check_output_path(args.plot, "--plot")
+    if args.plot is not None and not args.plot.lower().endswith(".png"):
+        raise ValueError(f"invalid --plot '{args.plot}': expected a file name ending in .png")
 
     trace = load_any(args.trace)
+    for prefetch in prefetchers:
+        if prefetch is not None and not 1 <= prefetch.lookahead <= trace.num_layers:
+            raise ValueError(
+                f"invalid --lookahead {prefetch.lookahead}: expected 1 to {trace.num_layers} (the trace's MoE layers)"
+            )
+        if prefetch is not None and prefetch.top_k is not None and prefetch.top_k > trace.num_experts:
+            raise ValueError(f"invalid --top-k {prefetch.top_k}: expected at most {trace.num_experts} (the trace's experts per layer)")
     print(_describe(trace))
     print(f"scope: {args.scope}" + (f", misses: {args.miss}" if args.miss != "demand" else ""))
     model = None
@@ -206,6 +219,13 @@ def parse_prefetch_options(args: argparse.Namespace) -> list:
     unknown = [name for name in names if name not in PREFETCHER_NAMES]
     if unknown:
         raise ValueError(f"invalid --prefetch '{', '.join(unknown)}': expected names from {', '.join(PREFETCHER_NAMES)}")
+    selections = {PREFETCHERS[name].selection for name in names if name != "none"}
+    if args.top_k is not None and "top-k" not in selections:
+        raise ValueError("--top-k sets the experts per target layer of the top-k prefetchers; none is in --prefetch")
+    if args.threshold is not None and "mass" not in selections:
+        raise ValueError("--threshold sets the probability mass of the 'score' prefetcher, which is not in --prefetch")
+    if names == ["none"] and (args.lookahead != "1" or args.budget is not None):
+        raise ValueError("--lookahead and --budget set prefetchers; add one to --prefetch")
     lookaheads = _parse_ints(args.lookahead, "--lookahead", 1)
     budgets = [None] if args.budget is None else _parse_ints(args.budget, "--budget", 0)
     top_ks = [None] if args.top_k is None else _parse_ints(args.top_k, "--top-k", 1)
@@ -302,19 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
         "rows also get the oracle bound (oracle prefetching with Belady eviction)",
     )
     simulate.add_argument("--lookahead", default="1", help="comma-separated lookaheads: layers ahead that a step prefetches for")
-    simulate.add_argument("--budget", help="comma-separated per-step prefetch budgets in experts (default: no limit)")
-    simulate.add_argument("--top-k", help="comma-separated experts per target layer for top-k prefetchers (default: the trace's top-k)")
-    simulate.add_argument("--threshold", help="comma-separated probability mass per target layer for the 'score' prefetcher (default 0.9)")
+    simulate.add_argument("--budget", help="comma-separated per-step prefetch budgets in experts; unset means no limit")
+    simulate.add_argument("--top-k", help="comma-separated experts per target layer for top-k prefetchers; unset means the trace's top-k")
+    simulate.add_argument("--threshold", help="comma-separated probability mass per target layer for the 'score' prefetcher; unset means 0.9")
     simulate.add_argument(
         "--train-fraction", type=float, default=DEFAULT_TRAIN_FRACTION,
         help="share of the passes on which trained prefetchers (top-k, score, co-occurrence) estimate their tables",
     )
     simulate.add_argument(
         "--miss", choices=MISS_MODES, default="demand",
-        help="miss handling: load the expert on demand, or compute it on the host without loading it",
+        help="miss handling: load the expert on demand; compute it on the host without loading it; or substitute "
+        "a resident expert among the router's 2 x top-k best (needs router logits in the trace)",
     )
     simulate.add_argument("--predictor", help="run directory of `specmd-jax train-predictor` for the 'learned' prefetcher")
-    simulate.add_argument("--plot", help="write hit rate (and TPOT, with --hardware) against capacity per policy as PNG to this path")
+    simulate.add_argument("--plot", help="write hit rate (and TPOT, with --hardware) against capacity per policy to this .png file")
     simulate.add_argument("--unroll", type=_positive_int, default=1, help="scan unroll factor (speed only)")
     simulate.add_argument("--quiet", action="store_true", help="hide the progress bar")
     simulate.set_defaults(handler=cmd_simulate)

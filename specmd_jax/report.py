@@ -47,7 +47,7 @@ CSV_COLUMNS = (
     "late_prefetches",
     "demand_bytes",
     "prefetch_bytes",
-    "bound_tpot_s",
+    "oracle_belady_tpot_s",
     "lru_tpot_s",
     "tpot_reduction_vs_lru",
     "tpot_reduction_vs_no_cache",
@@ -150,7 +150,7 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
     prefetched = any(row.result.config.prefetch is not None or row.result.config.miss != "demand" for row in rows)
     bounded = any(row.bound is not None for row in rows)
     if prefetched:
-        header = header[:1] + ("prefetch",) + header[1:] + ("pf_hits", "wasted", "precision", "recall")
+        header = header[:1] + ("prefetch",) + header[1:] + ("prefetches", "pf_hits", "wasted", "precision", "recall")
     substituted = any(row.result.config.miss == "substitute" for row in rows)
     if substituted:
         header += ("substituted",)
@@ -162,7 +162,7 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
     if timed:
         header += ("ttft_ms", "tpot_ms", "stall_s", "belady_tpot_ms", "resident_tpot_ms", "no_cache_tpot_ms")
         if prefetched:
-            header += ("late", "bound_tpot_ms", "vs_lru", "vs_no_cache")
+            header += ("late", "oracle_belady_tpot_ms", "vs_lru", "vs_no_cache")
     lines = [header]
     for row in rows:
         result = row.result
@@ -185,10 +185,10 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
         )
         if prefetched:
             if result.config.prefetch is None:
-                cells += ("-", "-", "-", "-")
+                cells += ("-", "-", "-", "-", "-")
             else:
                 cells += (
-                    str(result.prefetch_hits), str(result.wasted_prefetches),
+                    str(result.prefetches), str(result.prefetch_hits), str(result.wasted_prefetches),
                     _format_rate(result.prefetch_precision), _format_rate(result.prefetch_recall),
                 )
         if substituted:
@@ -214,7 +214,10 @@ def format_table(rows: Sequence[ReportRow], skipped: Sequence[SkippedCapacity] =
     for item in skipped:
         text.append(f"skipped capacity {item.capacity}: {item.reason}")
     if bounded:
-        text.append("bound: hit rate of oracle prefetching with Belady eviction at the same capacity")
+        text.append(
+            "bound: hit rate of oracle prefetching with Belady eviction at the same capacity (an upper bound on hit "
+            "rate; its TPOT, oracle_belady_tpot_ms, is not a bound on TPOT)"
+        )
     if timed:
         first = rows[0].timing
         hardware_names = ", ".join(dict.fromkeys(row.timing.hardware.name for row in rows))
@@ -280,7 +283,7 @@ def _prefetch_csv(row: ReportRow) -> list:
         result.prefetch_hits,
         result.wasted_prefetches,
         _rate_or_empty(result.prefetch_precision),
-        _rate_or_empty(result.prefetch_recall),
+        _rate_or_empty(result.prefetch_recall) if result.config.prefetch is not None else "",
         f"{row.bound.hit_rate:.6f}" if row.bound else "",
     ]
     if timing is None:

@@ -32,3 +32,32 @@ def flame_npz() -> Path:
 @pytest.fixture
 def mixtral_jsonl() -> Path:
     return require_shared(MIXTRAL_JSONL)
+
+
+MAX_MEMORY_MAPPINGS = 30_000
+"""Drop JAX's compiled programs once the process holds this many memory mappings (see below)."""
+
+
+def count_memory_mappings() -> int | None:
+    """Return the number of memory mappings of this process, or None where /proc is not available."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return None
+
+
+@pytest.fixture(autouse=True)
+def release_compiled_programs():
+    """Drop JAX's compiled programs when too many memory mappings have built up.
+
+    The suite compiles thousands of programs in one process. Kept alive, their memory mappings reached
+    Linux's default limit of 65,530 per process (vm.max_map_count), where XLA crashed with a
+    segmentation fault while compiling. One test module alone reached about 43,000.
+    """
+    yield
+    count = count_memory_mappings()
+    if count is not None and count > MAX_MEMORY_MAPPINGS:
+        import jax
+
+        jax.clear_caches()

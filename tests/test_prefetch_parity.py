@@ -62,8 +62,8 @@ def run_case(trace, policy, capacity, case, miss, seed, variant):
     tables = None if name == "oracle" else {name: table}
     results, events = run_sweep(trace, [config], record_events=True, score_tables=tables)
     resolved_top_k = trace.metadata.top_k if top_k is None else top_k
-    resolved_budget = lookahead * int(max(1, max(len(e) for per in reference.step_requests(trace) for e in per)))
-    resolved_budget = resolved_budget if budget is None else budget
+    # No budget means no limit: at most every expert of every target step.
+    resolved_budget = lookahead * trace.num_experts if budget is None else min(budget, lookahead * trace.num_experts)
     return config, table, results[0], events[config], resolved_top_k, resolved_budget
 
 

@@ -82,7 +82,7 @@ def test_learned_needs_table(small_trace):
 def test_supplied_table_checked(small_trace):
     table = np.zeros((small_trace.num_passes, small_trace.num_layers, 1, small_trace.num_experts), np.float32)
     table[3, 2, 0, 1] = -1.0
-    with pytest.raises(ValueError, match=r"expected finite scores >= 0, got -1.0 at index \(3, 2, 0, 1\)"):
+    with pytest.raises(ValueError, match=r"expected finite scores in \[0, 3.4e\+38\] \(float32\), got -1.0 at index \(3, 2, 0, 1\)"):
         run_sweep(small_trace, [SimConfig("lru", 40, prefetch=PrefetchConfig("learned"))], score_tables={"learned": table})
     with pytest.raises(ValueError, match="expected shape"):
         run_sweep(small_trace, [SimConfig("lru", 40, prefetch=PrefetchConfig("learned"))], score_tables={"learned": table[:, :3]})
@@ -128,14 +128,50 @@ def test_cli_prefetch_table_csv_plot(tmp_path, capsys):
     "options, message",
     [
         (["--prefetch", "psychic"], "invalid --prefetch 'psychic'"),
-        (["--prefetch", "oracle", "--scope", "per-layer"], "global scope only"),
+        (["--prefetch", "oracle", "--scope", "per-layer"], "--prefetch is simulated in global scope only"),
         (["--prefetch", "score", "--threshold", "1.5"], "invalid --threshold value '1.5'"),
         (["--prefetch", "oracle", "--budget", "-2"], "invalid --budget value '-2'"),
         (["--prefetch", "oracle", "--lookahead", "x"], "invalid --lookahead value 'x'"),
-        (["--prefetch", "oracle", "--lookahead", "40"], "lookahead"),
+        (["--prefetch", "oracle", "--lookahead", "40"], "invalid --lookahead 40: expected 1 to 32"),
+        (["--prefetch", "oracle", "--top-k", "3"], "--top-k sets the experts per target layer"),
+        (["--prefetch", "co-occurrence", "--top-k", "9"], "invalid --top-k 9: expected at most 8"),
+        (["--prefetch", "oracle", "--threshold", "0.5"], "--threshold sets the probability mass"),
+        (["--lookahead", "2"], "--lookahead and --budget set prefetchers"),
+        (["--prefetch", "oracle", "--train-fraction", "2"], "invalid --train-fraction 2.0"),
+        (["--prefetch", "oracle", "--plot", "out.jpg"], "expected a file name ending in .png"),
+        (["--miss", "substitute", "--scope", "per-layer"], "--miss substitute is simulated in global scope only"),
+        (["--miss", "substitute"], "has no router logits"),
     ],
 )
 def test_cli_prefetch_errors(options, message, capsys):
     code = main(["simulate", "--trace", "synthetic:mixtral-8x7b?passes=8", "--policies", "lru", "--capacities", "0.5", "--quiet", *options])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_default_budget_is_unlimited(small_trace):
+    """No budget and a budget above lookahead x E give the same run: every candidate is prefetched."""
+    configs = [
+        SimConfig("lru", 40, prefetch=PrefetchConfig("score", threshold=0.99)),
+        SimConfig("lru", 40, prefetch=PrefetchConfig("score", threshold=0.99, budget=10_000)),
+        SimConfig("lru", 40, prefetch=PrefetchConfig("score", threshold=0.99, budget=2)),
+    ]
+    unlimited, large, small = run_sweep(small_trace, configs)
+    assert unlimited.prefetches == large.prefetches
+    assert unlimited.hits == large.hits
+    assert small.prefetches < unlimited.prefetches
+
+
+def test_score_tables_must_be_mapping(small_trace):
+    table = np.zeros((small_trace.num_passes, small_trace.num_layers, 1, small_trace.num_experts), np.float32)
+    config = SimConfig("lru", 40, prefetch=PrefetchConfig("learned"))
+    with pytest.raises(ValueError, match="expected a mapping from prefetcher names"):
+        run_sweep(small_trace, [config], score_tables=table)
+    with pytest.raises(ValueError, match=r"unknown prefetcher names \['learn'\]"):
+        run_sweep(small_trace, [config], score_tables={"learn": table})
+    with pytest.raises(ValueError, match="expected a numpy array of real numbers, got dtype complex64"):
+        run_sweep(small_trace, [config], score_tables={"learned": table.astype(np.complex64)})
+    huge = table.astype(np.float64)
+    huge[0, 0, 0, 0] = 1e300
+    with pytest.raises(ValueError, match=r"got 1e\+300 at index \(0, 0, 0, 0\)"):
+        run_sweep(small_trace, [config], score_tables={"learned": huge})

@@ -521,7 +521,7 @@ def test_host_mode_needs_host_figures():
 def test_unknown_miss_mode_rejected():
     trace = hand_trace()
     _, events = simulate(trace, SimConfig("lru", 8))
-    with pytest.raises(ValueError, match=r"miss: expected one of demand, host \(the modes the timing model covers\), got 'cpu'"):
+    with pytest.raises(ValueError, match=r"miss: expected one of demand, host, substitute \(the modes the timing model covers\), got 'cpu'"):
         estimate_timing(trace, events, SLOW_LINK, HAND_MODEL, miss="cpu")
 
 
@@ -548,3 +548,22 @@ def test_substitute_needs_its_events():
     result, events = simulate(trace, SimConfig("lru", 8))
     with pytest.raises(ValueError, match="miss mode 'substitute' needs the PrefetchEvents"):
         estimate_timing(trace, events, SLOW_LINK, TINY_MODEL, miss="substitute")
+
+
+def test_substitute_events_need_substitute_mode():
+    trace = tiny_trace(seed=3)
+    rng = np.random.default_rng(3)
+    trace = dataclasses.replace(trace, router_logits=rng.normal(size=(trace.num_tokens, 2, 8)).astype(np.float32))
+    result, events = simulate(trace, SimConfig("lru", 8, miss="substitute"))
+    assert result.substitutions > 0
+    with pytest.raises(ValueError, match="miss mode 'substitute', but miss is 'demand'"):
+        estimate_timing(trace, events, SLOW_LINK, TINY_MODEL)
+
+
+def test_invalid_outcome_code_rejected():
+    trace = hand_trace()
+    _, events = simulate(trace, SimConfig("lru", 8))
+    outcomes = np.array(events.outcomes)
+    outcomes[1, 0, 0] = 9
+    with pytest.raises(ValueError, match=r"outcome 9 at index \(1, 0, 0\) is not an outcome code"):
+        estimate_timing(trace, outcomes, SLOW_LINK, HAND_MODEL)

@@ -9,7 +9,8 @@ On XLA:CPU this measured about 20x faster than repeated minimum searches (N = 64
 Step on a queue with occupancy `occ` (ranks 0 .. occ - 1):
   1. The eligible rank of an item is its rank minus the hits ranked before it, i.e. its position among
      the eligible items (resident and not requested). The victims are the eligible items with eligible
-     rank < m, i.e. the first m eligible items in queue order.
+     rank < m, i.e. the first m eligible items in queue order. In a prefetch phase the items that are
+     not eligible are the protected ones, not the hits, so there it is counted in O(N) instead.
   2. Survivors keep their order: each moves down by the victims and movers ranked before it. The victims
      before a survivor number min(m, its eligible rank), because victims are the first m eligible items.
   3. Movers (hits that go to the tail) and inserted misses get ranks occ - m - movers + tail order.

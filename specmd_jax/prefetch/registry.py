@@ -58,7 +58,7 @@ class PrefetchConfig:
       lookahead: target layers per step (l + 1 .. l + lookahead, wrapping into the next pass).
       top_k: experts per target layer for the `top-k` selection; None = the trace's top-k.
       threshold: probability mass per target layer for the `mass` selection, in (0, 1].
-      budget: most prefetches per step; None = no limit (lookahead x the largest request set).
+      budget: the maximum prefetches per step; None = no limit.
     """
 
     name: str
@@ -118,6 +118,7 @@ def build_score_table(
     `score_tables` supplies tables by prefetcher name; it is required for `learned` and overrides the
     built-in source of any other prefetcher. A supplied table may have more lookahead rows than needed.
     """
+    check_score_tables(score_tables)
     supplied = (score_tables or {}).get(prefetcher.name)
     if supplied is not None:
         return _check_supplied(supplied, prefetcher.name, trace, lookahead)
@@ -140,8 +141,24 @@ def build_score_table(
     raise ValueError(f"prefetcher '{prefetcher.name}' has an unknown score source '{prefetcher.source}'")
 
 
+def check_score_tables(score_tables) -> None:
+    """Raise ValueError unless `score_tables` is None or a mapping from prefetcher names to arrays."""
+    if score_tables is None:
+        return
+    if not isinstance(score_tables, Mapping):
+        raise ValueError(
+            f"score_tables: expected a mapping from prefetcher names to tables, e.g. {{'learned': table}}, "
+            f"got {type(score_tables).__name__}"
+        )
+    unknown = sorted(str(name) for name in score_tables if name not in PREFETCHERS)
+    if unknown:
+        raise ValueError(f"score_tables: unknown prefetcher names {unknown}; expected names from {', '.join(PREFETCHERS)}")
+
+
 def _check_supplied(table, name: str, trace: Trace, lookahead: int) -> np.ndarray:
-    table = np.asarray(table)
+    if not isinstance(table, np.ndarray) or table.dtype.kind not in "fiu":
+        kind = f"dtype {table.dtype}" if isinstance(table, np.ndarray) else type(table).__name__
+        raise ValueError(f"score table '{name}': expected a numpy array of real numbers, got {kind}")
     expected = (trace.num_passes, trace.num_layers, trace.num_experts)
     if table.ndim != 4 or (table.shape[0], table.shape[1], table.shape[3]) != expected:
         raise ValueError(
@@ -150,16 +167,26 @@ def _check_supplied(table, name: str, trace: Trace, lookahead: int) -> np.ndarra
         )
     if table.shape[2] < lookahead:
         raise ValueError(f"score table '{name}': has {table.shape[2]} lookahead rows, but lookahead {lookahead} needs that many")
-    table = table[:, :, :lookahead].astype(np.float32)
-    bad = ~np.isfinite(table) | (table < 0)
+    table = table[:, :, :lookahead]
+    float32_max = float(np.finfo(np.float32).max)
+    bad = ~np.isfinite(table) | (table < 0) | (table > float32_max)
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"score table '{name}': expected finite scores >= 0, got {table[index]} at index {index}")
-    return table
+        raise ValueError(
+            f"score table '{name}': expected finite scores in [0, {float32_max:.3g}] (float32), got {table[index]} at index {index}"
+        )
+    return table.astype(np.float32)
 
 
-def resolved_params(config: PrefetchConfig, trace_top_k: int, max_requests: int) -> tuple[int, float, int]:
-    """Return (top_k, threshold, budget) with the defaults filled in."""
+def resolved_params(config: PrefetchConfig, trace_top_k: int, num_experts: int) -> tuple[int, float, int]:
+    """Return (top_k, threshold, budget) with the defaults filled in.
+
+    A step has at most lookahead x E candidates, so no budget (None) and every larger budget become
+    exactly that; the simulator's candidate list has this length.
+    """
+    if config.top_k is not None and config.top_k > num_experts:
+        raise ValueError(f"PrefetchConfig.top_k: expected at most {num_experts} (the experts per layer), got {config.top_k}")
     top_k = trace_top_k if config.top_k is None else config.top_k
-    budget = config.lookahead * max_requests if config.budget is None else config.budget
+    most = config.lookahead * num_experts
+    budget = most if config.budget is None else min(config.budget, most)
     return top_k, float(config.threshold), budget

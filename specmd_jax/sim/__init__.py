@@ -2,11 +2,23 @@
 
 from specmd_jax.sim.engine import simulate_batch
 from specmd_jax.sim.requests import StepRequests, build_requests
-from specmd_jax.sim.sweep import Capacity, CapacityError, SimConfig, SimResult, check_capacity, pool_capacity, run_sweep
+from specmd_jax.prefetch.registry import PrefetchConfig
+from specmd_jax.sim.sweep import (
+    Capacity,
+    CapacityError,
+    PrefetchInputs,
+    SimConfig,
+    SimResult,
+    check_capacity,
+    pool_capacity,
+    run_sweep,
+)
 
 __all__ = [
     "Capacity",
     "CapacityError",
+    "PrefetchConfig",
+    "PrefetchInputs",
     "SimConfig",
     "SimResult",
     "StepRequests",

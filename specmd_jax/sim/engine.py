@@ -8,6 +8,10 @@ Scopes:
   per-layer  L independent pools of N = E items; the scan runs T steps and vmaps the pool step over L.
 Configurations (capacity, policy hyper-parameters, seed) are vmapped outside the scan, so one compilation
 serves a whole sweep of one policy.
+
+`pool_step` is a step's demand phase and `prefetch_step` its prefetch phase; the scan with prefetching
+and miss-handling modes is in `specmd_jax.sim.prefetch`. The runtime cache manager calls the same two
+functions.
 """
 
 from __future__ import annotations

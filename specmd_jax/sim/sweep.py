@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from specmd_jax.policies.registry import get_policy
+from specmd_jax.prefetch.sources import check_lookahead
 from specmd_jax.prefetch.registry import (
     DEFAULT_TRAIN_FRACTION,
     PREFETCHERS,
     PrefetchConfig,
     build_score_table,
+    check_score_tables,
     resolved_params,
 )
 from specmd_jax.sim.engine import SweepTotals, simulate_batch
@@ -338,6 +340,7 @@ class PrefetchInputs:
         score_tables: Mapping[str, np.ndarray] | None = None,
         requests: StepRequests | None = None,
     ):
+        check_score_tables(score_tables)
         self.trace = trace
         self.requests = build_requests(trace) if requests is None else requests
         self.train_fraction = train_fraction
@@ -382,12 +385,14 @@ class PrefetchInputs:
 
 def _run_prefetch_group(policy, group, params, capacities, seeds, experts, next_step, inputs, key, *, num_experts, record_events, unroll):
     _, name, lookahead, miss = key
-    trace_top_k = inputs.trace.metadata.top_k
-    max_requests = inputs.requests.max_requests
-    prefetch_configs = [config.prefetch or PrefetchConfig("oracle", budget=0) for config in group]
-    resolved = [resolved_params(config, trace_top_k, max_requests) for config in prefetch_configs]
+    trace = inputs.trace
     if name == "none":
+        # Host or substitute misses without prefetching: the prefetch phase runs with a zero budget.
         resolved = [(1, 1.0, 0) for _ in group]
+    else:
+        for config in group:
+            check_lookahead(config.prefetch.lookahead, trace.num_layers)
+        resolved = [resolved_params(config.prefetch, trace.metadata.top_k, trace.num_experts) for config in group]
     prefetch_params = PrefetchParams(
         top_k=jnp.asarray([r[0] for r in resolved], jnp.int32),
         threshold=jnp.asarray([r[1] for r in resolved], jnp.float32),
@@ -400,7 +405,7 @@ def _run_prefetch_group(policy, group, params, capacities, seeds, experts, next_
         policy, params, prefetch_params, capacities, seeds, experts, next_step,
         inputs.table(name, lookahead), inputs.next_use(), router_scores,
         num_experts=num_experts, selection=selection, max_budget=max_budget, miss_mode=miss,
-        substitute_candidates=SUBSTITUTE_CANDIDATES_PER_TOP_K * trace_top_k,
+        substitute_candidates=SUBSTITUTE_CANDIDATES_PER_TOP_K * trace.metadata.top_k,
         record_events=record_events, unroll=unroll,
     )
 

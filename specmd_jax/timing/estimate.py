@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from specmd_jax.sim.engine import OUTCOME_NONE
+from specmd_jax.sim.engine import OUTCOME_COLLISION, OUTCOME_NONE
 from specmd_jax.sim.requests import build_requests
 from specmd_jax.timing.compute import dense_layers_time, host_experts_time, lm_head_time, moe_layer_times
 from specmd_jax.timing.events import has_prefetch_events, host_expert_pairs, miss_slots, prefetch_plan_from_events
@@ -156,6 +156,13 @@ def _checked_outcomes(trace: Trace, events: Any, request_counts: np.ndarray) -> 
             f"events: expected outcomes of shape ({expected[0]}, {expected[1]}, R) for this trace, got {outcomes.shape}; "
             "pass the events that run_sweep(..., record_events=True) returned for the same trace"
         )
+    invalid = (outcomes < OUTCOME_NONE) | (outcomes > OUTCOME_COLLISION)
+    if invalid.any():
+        index = tuple(int(i) for i in np.argwhere(invalid)[0])
+        raise ValueError(
+            f"events: outcome {int(outcomes[index])} at index {index} is not an outcome code; expected "
+            f"{OUTCOME_NONE} to {OUTCOME_COLLISION}"
+        )
     requested = (outcomes != OUTCOME_NONE).sum(axis=-1)
     if not np.array_equal(requested, request_counts):
         p, l = np.argwhere(requested != request_counts)[0]
@@ -211,6 +218,12 @@ def estimate_timing(
     """
     if miss not in MISS_MODES:
         raise ValueError(f"miss: expected one of {', '.join(MISS_MODES)} (the modes the timing model covers), got {miss!r}")
+    substituted = getattr(events, "substitute", None)
+    if miss != "substitute" and substituted is not None and (np.asarray(substituted) >= 0).any():
+        raise ValueError(
+            f"events: they record substituted misses, so they come from a run with miss mode 'substitute', "
+            f"but miss is {miss!r}; pass the run's SimConfig.miss"
+        )
     check_model_matches(trace, model)
     requests = build_requests(trace)
     request_counts = requests.counts.astype(np.int64)

@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--prefetch-budget", type=int, metavar="N",
-        help="maximum prefetches per step (default: no limit for gate; lookahead x the trace's largest request set for the others)",
+        help="maximum prefetches per step (default: no limit)",
     )
     parser.add_argument("--prefetch-lookahead", type=int, default=1, metavar="D", help="steps ahead a replayed prefetcher scores, 1 .. the MoE layers; gate needs 1 (default 1)")
     parser.add_argument("--prefetch-top-k", type=int, metavar="K", help="experts per target step for the top-k prefetchers: gate, top-k, co-occurrence, gate-speculative, learned (default: the model's top-k)")

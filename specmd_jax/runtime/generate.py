@@ -204,8 +204,7 @@ def offloaded_generate(
       prefetch: one of `PREFETCHERS`. A name of `REPLAY_PREFETCHERS` needs `replay` and makes the
         decisions of `run_sweep` with `PrefetchConfig(prefetch, prefetch_lookahead, prefetch_top_k,
         prefetch_threshold, prefetch_budget)` on the replayed trace.
-      prefetch_budget: the maximum prefetches per step. None means no limit for gate, and for a replay
-        prefetcher the registry's default (lookahead x the trace's largest request set).
+      prefetch_budget: the maximum prefetches per step; None means no limit.
       prefetch_lookahead: steps ahead a replay prefetcher scores, in [1, L]; gate needs 1.
       prefetch_top_k: experts per target step for the top-k selections (gate included); None means
         the model's top-k.
@@ -254,7 +253,7 @@ def offloaded_generate(
         prefetch_config = PrefetchConfig(
             prefetch, lookahead=prefetch_lookahead, top_k=prefetch_top_k, threshold=prefetch_threshold, budget=prefetch_budget,
         )
-        prefetcher = _table_prefetcher(manager, prefetch_config, replay, requests, train_fraction, score_tables, seed)
+        prefetcher = _table_prefetcher(manager, prefetch_config, replay, train_fraction, score_tables, seed)
     manager.prefetcher = prefetcher
 
     kv_cache = list(model.init_cache(batch, total).layers)
@@ -362,14 +361,14 @@ def _gate_prefetcher(manager, config, budget, top_k, seed) -> EnginePrefetcher:
     )
 
 
-def _table_prefetcher(manager, prefetch: PrefetchConfig, replay, requests, train_fraction, score_tables, seed) -> EnginePrefetcher:
+def _table_prefetcher(manager, prefetch: PrefetchConfig, replay, train_fraction, score_tables, seed) -> EnginePrefetcher:
     """Build a registry prefetcher with the simulator's score table, selection and resolved parameters."""
     presence = request_presence(replay)
     table = build_score_table(
         replay, presence, prefetch.prefetcher, prefetch.lookahead, train_fraction=train_fraction, score_tables=score_tables,
     )
-    top_k, threshold, budget = resolved_params(prefetch, replay.metadata.top_k, requests.max_requests)
     num_layers, num_experts = replay.num_layers, replay.num_experts
+    top_k, threshold, budget = resolved_params(prefetch, replay.metadata.top_k, num_experts)
     source = TableCandidates(
         table, prefetch.prefetcher.selection, top_k=top_k, threshold=threshold, budget=budget, num_layers=num_layers,
         decision_device=manager.decision_device,

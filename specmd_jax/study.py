@@ -100,7 +100,12 @@ def run_study(
     configuration's per-step events, which takes about T x L x (3R + 2B) x 4 bytes per configuration
     (B: the prefetch budget).
     """
-    hardwares = [] if hardware is None else [hardware] if isinstance(hardware, Hardware) else list(hardware)
+    if hardware is None:
+        hardwares = []
+    elif isinstance(hardware, Hardware):
+        hardwares = [hardware]
+    else:
+        hardwares = list(hardware)
     names = [item.name for item in hardwares]
     if len(set(names)) != len(names):
         raise ValueError(f"hardware presets listed more than once: {names}")

@@ -226,7 +226,7 @@ def init_tracking(num_items: int) -> PrefetchTracking:
 
 
 class PrefetchOutcome(NamedTuple):
-    """What the prefetch phase of one step did."""
+    """Result of the prefetch phase of one step."""
 
     admitted: jax.Array  # int32 [B], pool positions of the prefetched items in priority order, -1 padded
     victims: jax.Array  # bool [N]
@@ -262,8 +262,8 @@ def prefetch_step(
         the prefetcher selected. Pending prefetches whose target step has not run yet are added here.
       budget: int32 scalar, the most prefetches this step issues.
     Returns the new pool state and tracking, and what was prefetched and evicted. The first `budget`
-    non-resident candidates are prefetched, fewer when the free slots and the items that may be evicted
-    do not suffice; those kept are the first in priority order.
+    non-resident candidates are prefetched. When the free slots and the evictable items are fewer,
+    only that many are prefetched, again the first in priority order.
     """
     num_items = state.resident.shape[0]
     slot = jnp.clip(candidates, 0, num_items - 1)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -13,17 +17,26 @@ import pytest
 from flax import nnx
 
 from specmd_jax.cli import main as cli_main
-from specmd_jax.predictor.checkpoint import BEST, LATEST, RUN_FILE, latest_epoch, load_predictor, read_run_info
-from specmd_jax.predictor.evaluate import LEARNED, evaluate_tables, ranking_metrics
+from specmd_jax.predictor.checkpoint import (
+    BEST,
+    LATEST,
+    RUN_FILE,
+    latest_epoch,
+    load_predictor,
+    read_run_info,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from specmd_jax.predictor.evaluate import LEARNED, evaluate_tables, format_report, ranking_metrics
 from specmd_jax.predictor.features import (
     build_features,
     build_targets,
     pass_router_probabilities,
     split_passes,
 )
-from specmd_jax.predictor.model import NextLayerPredictor, PredictorConfig, count_parameters, predictor_cost
+from specmd_jax.predictor.model import ConfigValueError, NextLayerPredictor, PredictorConfig, count_parameters, predictor_cost
 from specmd_jax.predictor.predict import evaluate_run, predict_scores
-from specmd_jax.predictor.train import TrainConfig, train_predictor
+from specmd_jax.predictor.train import TrainConfig, make_optimizer, train_predictor
 from specmd_jax.timing.models import get_model_shape
 from specmd_jax.traces.io import load_any
 from specmd_jax.traces.trace import MISSING_EXPERT, PASS_DECODE, PASS_PREFILL, TraceMetadata, make_trace, save_trace
@@ -140,12 +153,28 @@ def test_targets_valid_before() -> None:
 
 
 def test_config_rejects_bad_values() -> None:
-    with pytest.raises(ValueError, match="PredictorConfig.lookahead: expected at most num_layers=3, got 4"):
+    with pytest.raises(ValueError, match=re.escape("PredictorConfig.lookahead: expected at most num_layers=3 (the MoE layer count), got 4")):
         PredictorConfig(3, 8, lookahead=4)
     with pytest.raises(ValueError, match="PredictorConfig.loss: expected one of softmax, sigmoid, got 'mse'"):
         PredictorConfig(3, 8, loss="mse")
     with pytest.raises(ValueError, match="x.json: field 'model': expected keys"):
         PredictorConfig.from_dict({"num_layers": 3}, "x.json")
+    with pytest.raises(ValueError, match=re.escape("x.json: field 'model.window': expected an integer >= 1, got 0")):
+        PredictorConfig.from_dict({"num_layers": 3, "num_experts": 8, "window": 0}, "x.json")
+
+
+def test_config_errors_name_field() -> None:
+    with pytest.raises(ConfigValueError) as raised:
+        TrainConfig(learning_rate=float("inf"))
+    assert (raised.value.owner, raised.value.field) == ("TrainConfig", "learning_rate")
+    assert str(raised.value) == "TrainConfig.learning_rate: expected a finite number >= 0, got inf"
+    with pytest.raises(ConfigValueError, match=re.escape("TrainConfig.train_fraction: expected a number in (0, 1), got 1.5")):
+        TrainConfig(train_fraction=1.5)
+    with pytest.raises(ConfigValueError, match=re.escape("TrainConfig.validation_fraction: expected a number in (0, 1), got 0")):
+        TrainConfig(validation_fraction=0)
+    with pytest.raises(ConfigValueError) as raised:
+        PredictorConfig(3, 8, window=0)
+    assert (raised.value.owner, raised.value.field, raised.value.detail) == ("PredictorConfig", "window", "expected an integer >= 1, got 0")
 
 
 def test_model_output_shape() -> None:
@@ -263,6 +292,98 @@ def test_resume_other_settings(tmp_path: Path) -> None:
         train_predictor(trace, tmp_path / "run", tiny_config(trace), TrainConfig(**{**TINY_TRAIN.to_dict(), "learning_rate": 0.5}))
 
 
+def assert_same_params(left: Path, right: Path, kind: str) -> None:
+    for left_array, right_array in zip(params_of(load_predictor(left, kind).model), params_of(load_predictor(right, kind).model), strict=True):
+        np.testing.assert_array_equal(left_array, right_array)
+
+
+def test_resume_best_ahead_of_latest(tmp_path: Path) -> None:
+    # Earlier versions of train_predictor saved best/ before latest/. Stopped while saving latest/ of
+    # epoch 3, they left best/3 complete, latest/2 complete, and latest/3 as an Orbax temporary folder.
+    trace = patterned_trace()
+    straight = train_predictor(trace, tmp_path / "straight", tiny_config(trace), TINY_TRAIN)
+    assert straight.best_epoch == 3  # otherwise epoch 3 would not have been saved to best/
+    run = tmp_path / "interrupted"
+    train_predictor(trace, run, tiny_config(trace), TINY_TRAIN, stop_after_epoch=2)
+    model, _, _, _ = restore_checkpoint(run, LATEST, tiny_config(trace))
+    save_checkpoint(run, BEST, 3, nnx.state(model, nnx.Param), {"epoch": 3, "validation_recall": 0.5})
+    leftover = run / LATEST / "3.orbax-checkpoint-tmp"
+    leftover.mkdir()
+    (leftover / "_CHECKPOINT_METADATA").write_text('{"item_handlers": null, "commit_timestamp_nsecs": null}')
+    assert sorted(path.name for path in (run / BEST).iterdir()) == ["3"]
+
+    resumed = train_predictor(trace, run, tiny_config(trace), TINY_TRAIN)
+    assert resumed.start_epoch == 3
+    assert resumed.history == straight.history
+    assert resumed.best_epoch == 3
+    assert not leftover.exists()
+    assert sorted(path.name for path in (run / LATEST).iterdir()) == ["3"]
+    assert sorted(path.name for path in (run / BEST).iterdir()) == ["3"]
+    assert_same_params(run, tmp_path / "straight", BEST)
+    assert_same_params(run, tmp_path / "straight", LATEST)
+
+
+def test_resume_best_behind_latest(tmp_path: Path) -> None:
+    # Stopped after latest/3 was saved and before best/3: latest/3 names epoch 3 as the best.
+    trace = patterned_trace()
+    straight = train_predictor(trace, tmp_path / "straight", tiny_config(trace), TINY_TRAIN)
+    assert straight.best_epoch == 3
+    run = tmp_path / "interrupted"
+    train_predictor(trace, run, tiny_config(trace), TINY_TRAIN, stop_after_epoch=2)
+    shutil.rmtree(run / LATEST / "2")
+    shutil.copytree(tmp_path / "straight" / LATEST / "3", run / LATEST / "3")
+    assert load_predictor(run, BEST).epoch == 2
+
+    resumed = train_predictor(trace, run, tiny_config(trace), TINY_TRAIN)
+    assert resumed.start_epoch == 4  # nothing left to train
+    assert resumed.best_epoch == 3
+    assert load_predictor(run, BEST).epoch == 3
+    assert_same_params(run, tmp_path / "straight", BEST)
+
+
+def test_resume_best_lost(tmp_path: Path, caplog) -> None:
+    # latest/2 names epoch 1 as the best, but best/ no longer has it: best/ restarts from epoch 2.
+    trace = patterned_trace()
+    run = tmp_path / "run"
+    part = train_predictor(trace, run, tiny_config(trace), TINY_TRAIN, stop_after_epoch=2)
+    params = nnx.state(NextLayerPredictor(tiny_config(trace), rngs=nnx.Rngs(0)), nnx.Param)
+    template = make_optimizer(TINY_TRAIN, steps_per_epoch=1).init(params)  # the step count does not change its structure
+    model, opt_state, metadata, _ = restore_checkpoint(run, LATEST, tiny_config(trace), opt_state_template=template)
+    metadata.update(best_epoch=1, best_validation_recall=0.99)
+    save_checkpoint(run, LATEST, 2, nnx.state(model, nnx.Param), metadata, opt_state=opt_state)
+    shutil.rmtree(run / BEST)
+
+    with caplog.at_level(logging.WARNING, logger="specmd_jax.predictor.train"):
+        resumed = train_predictor(trace, run, tiny_config(trace), TINY_TRAIN, stop_after_epoch=2)
+    assert "best/ has no checkpoint of the best epoch 1 (validation recall@k 0.9900); keeping epoch 2" in caplog.text
+    assert resumed.best_epoch == 2
+    assert resumed.best_validation_recall == pytest.approx(part.history[1]["validation_recall"])
+    loaded = load_predictor(run, BEST)
+    assert loaded.epoch == 2
+    assert loaded.metadata["validation_recall"] == pytest.approx(part.history[1]["validation_recall"])
+
+
+def test_train_into_foreign_directory(tmp_path: Path) -> None:
+    trace = patterned_trace()
+    run = tmp_path / "run"
+    train_predictor(trace, run, tiny_config(trace), TINY_TRAIN, stop_after_epoch=1)
+    (run / RUN_FILE).unlink()
+    with pytest.raises(ValueError, match=re.escape(f"{run}: contains latest/ checkpoints but no predictor.json")):
+        train_predictor(trace, run, tiny_config(trace), TINY_TRAIN)
+
+
+def test_train_out_is_file(tmp_path: Path) -> None:
+    trace = patterned_trace()
+    existing = tmp_path / "taken"
+    existing.write_text("not a directory")
+    message = f"expected a directory or a path that does not exist yet, but {existing} is an existing file; choose another path"
+    with pytest.raises(ValueError, match=re.escape(f"run directory {existing}: {message}")):
+        train_predictor(trace, existing, tiny_config(trace), TINY_TRAIN)
+    with pytest.raises(ValueError, match=re.escape(f"run directory {existing / 'run'}: {message}")):
+        train_predictor(trace, existing / "run", tiny_config(trace), TINY_TRAIN)
+    assert existing.read_text() == "not a directory"
+
+
 def test_restore_and_predict(tmp_path: Path) -> None:
     trace = patterned_trace()
     result = train_predictor(trace, tmp_path / "run", tiny_config(trace), TINY_TRAIN)
@@ -315,26 +436,112 @@ def test_corrupt_run_file(tmp_path: Path) -> None:
         load_predictor(tmp_path / "run")
 
 
-def test_run_file_other_shape(tmp_path: Path) -> None:
+def test_run_file_edited_window(tmp_path: Path) -> None:
     trace = patterned_trace()
     train_predictor(trace, tmp_path / "run", tiny_config(trace), TINY_TRAIN, stop_after_epoch=1)
     run_file = tmp_path / "run" / RUN_FILE
     data = json.loads(run_file.read_text())
-    data["model"]["num_experts"] = 16
+    data["model"]["window"] = 1
     run_file.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="the checkpoint was saved for another predictor configuration|do not match the model"):
+    with pytest.raises(ValueError) as raised:
         load_predictor(tmp_path / "run")
+    # 8 experts: the saved heads take (2 + 1) * 8 = 24 features, a window of 1 takes (1 + 1) * 8 = 16.
+    assert str(raised.value) == (
+        f"{tmp_path / 'run' / BEST / '1' / 'params'}: array head_kernel has shape (3, 24, 16), but the model in "
+        f"predictor.json needs (3, 16, 16); predictor.json was edited or belongs to another run. Undo the edit, "
+        f"or train a new run"
+    )
+
+
+def test_run_file_edited_hidden(tmp_path: Path) -> None:
+    trace = patterned_trace()
+    train_predictor(trace, tmp_path / "run", tiny_config(trace), TINY_TRAIN, stop_after_epoch=1)
+    run_file = tmp_path / "run" / RUN_FILE
+    data = json.loads(run_file.read_text())
+    data["model"]["hidden"] = 4
+    run_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(
+        "saved arrays ['head_bias', 'head_kernel'], but the model in predictor.json has arrays "
+        "['head_bias', 'head_kernel', 'hidden.bias', 'hidden.kernel', 'layer_embedding']"
+    )):
+        load_predictor(tmp_path / "run")
+
+
+def test_run_file_inconsistent(tmp_path: Path) -> None:
+    trace = patterned_trace()
+    train_predictor(trace, tmp_path / "run", tiny_config(trace), TINY_TRAIN, stop_after_epoch=1)
+    run_file = tmp_path / "run" / RUN_FILE
+    original = json.loads(run_file.read_text())
+    edits = [
+        (("model", "num_experts", 16), "field 'model.num_experts' is 16, but field 'trace.num_experts' is 8"),
+        (("model", "num_layers", 2), "field 'model.num_layers' is 2, but field 'trace.num_layers' is 3"),
+        (("split", "num_passes", 40), "field 'split.num_passes' is 40, but field 'trace.num_passes' is 48"),
+        (("trace", "top_k", 0), "field 'trace.top_k': expected an integer >= 1, got 0"),
+        (("train", "train_fraction", None), "field 'train.train_fraction': expected a number in (0, 1), got None"),
+    ]
+    for (section, field, value), message in edits:
+        data = json.loads(json.dumps(original))
+        data[section][field] = value
+        run_file.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=re.escape(f"{run_file}: {message}")):
+            load_predictor(tmp_path / "run")
+
+
+def corrupt_params(run: Path, kind: str, epoch: int) -> None:
+    """Cut every data blob of the saved parameters to 10 bytes, as an interrupted copy would."""
+    blobs = [path for path in (run / kind / str(epoch) / "params").rglob("*") if path.is_file() and path.parent.name == "d"]
+    assert blobs, "the checkpoint layout changed: no params/**/d/ blob found"
+    for path in blobs:
+        path.write_bytes(path.read_bytes()[:10])
 
 
 def test_corrupt_checkpoint_arrays(tmp_path: Path) -> None:
     trace = patterned_trace()
     train_predictor(trace, tmp_path / "run", tiny_config(trace), TINY_TRAIN, stop_after_epoch=1)
-    params_dir = tmp_path / "run" / BEST / "1" / "params"
-    for path in params_dir.rglob("*"):
-        if path.is_file() and path.name not in ("commit_success.txt",):
-            path.write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'run' / BEST}: cannot restore epoch 1")):
+    corrupt_params(tmp_path / "run", BEST, 1)
+    folder = tmp_path / "run" / BEST / "1"
+    with pytest.raises(ValueError) as raised:
         load_predictor(tmp_path / "run")
+    message = str(raised.value)
+    assert message.startswith(f"{folder}: cannot read ")
+    assert message.endswith(f"the checkpoint is incomplete or corrupt. Delete {folder} and run train-predictor again with the same options")
+    assert "tensorstore_spec" not in message
+    assert "\n" not in message
+
+
+def test_corrupt_checkpoint_no_stray_reports(tmp_path: Path, monkeypatch) -> None:
+    trace = patterned_trace()
+    train_predictor(trace, tmp_path / "run", tiny_config(trace), TINY_TRAIN, stop_after_epoch=1)
+    corrupt_params(tmp_path / "run", BEST, 1)
+    reports = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reports.append(repr(unraisable.exc_value)))
+    # Without the filter in checkpoint.py, Orbax 0.12.8 left "Event loop is closed" reports after about
+    # every other failed read.
+    for _ in range(8):
+        with pytest.raises(ValueError, match="cannot read"):
+            load_predictor(tmp_path / "run")
+        time.sleep(0.05)
+        gc.collect()
+    time.sleep(0.5)
+    gc.collect()
+    assert reports == []
+
+
+def test_load_skips_incomplete_epoch(tmp_path: Path, caplog) -> None:
+    trace = patterned_trace()
+    train_predictor(trace, tmp_path / "run", tiny_config(trace), TINY_TRAIN, stop_after_epoch=2)
+    empty = tmp_path / "run" / BEST / "3"
+    empty.mkdir()
+    with caplog.at_level(logging.WARNING, logger="specmd_jax.predictor.checkpoint"):
+        loaded = load_predictor(tmp_path / "run")
+    assert loaded.epoch == 2
+    assert f"{empty}: skipped, it is not a complete checkpoint (missing item folders: params, metadata)" in caplog.text
+    assert latest_epoch(tmp_path / "run", BEST) == 2
+
+    with pytest.raises(ValueError, match=re.escape(f"{empty}: incomplete checkpoint (missing item folders: params, metadata); delete this folder")):
+        train_predictor(trace, tmp_path / "run", tiny_config(trace), TINY_TRAIN)
+    empty.rmdir()
+    assert train_predictor(trace, tmp_path / "run", tiny_config(trace), TINY_TRAIN).start_epoch == 3
 
 
 def test_missing_checkpoint(tmp_path: Path) -> None:
@@ -398,6 +605,84 @@ def test_cli_eval_corrupt_checkpoint(tmp_path: Path, capsys) -> None:
     code = cli_main(["eval-predictor", "--trace", str(trace_path), "--checkpoint", str(run)])
     assert code == 2
     assert "invalid JSON" in capsys.readouterr().err
+
+
+def test_cli_eval_edited_window(tmp_path: Path, capsys) -> None:
+    trace_path = tmp_path / "tiny.npz"
+    save_trace(patterned_trace(), trace_path)
+    run = tmp_path / "run"
+    train = ["train-predictor", "--trace", str(trace_path), "--out", str(run), "--epochs", "1", "--lookahead", "2", "--quiet"]
+    assert cli_main(train) == 0
+    capsys.readouterr()
+    data = json.loads((run / RUN_FILE).read_text())
+    data["model"]["window"] = 1
+    (run / RUN_FILE).write_text(json.dumps(data))
+    code = cli_main(["eval-predictor", "--trace", str(trace_path), "--checkpoint", str(run)])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.count("\n") == 1  # the one error line and nothing after it
+    assert "array head_kernel has shape (3, 32, 16), but the model in predictor.json needs (3, 16, 16)" in error
+    assert "strict=False" not in error
+
+
+def test_cli_options_in_errors(tmp_path: Path, capsys) -> None:
+    trace_path = tmp_path / "tiny.npz"
+    save_trace(patterned_trace(), trace_path)
+    cases = [
+        (["--lookahead", "4"], "--lookahead: expected at most num_layers=3 (the MoE layer count), got 4"),
+        (["--window", "5"], "--window: expected at most num_layers=3 (the MoE layer count), got 5"),
+        (["--learning-rate", "-1"], "--learning-rate: expected a finite number >= 0, got -1.0"),
+        (["--weight-decay", "nan"], "--weight-decay: expected a finite number >= 0, got nan"),
+        (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs: expected at most epochs=2, got 3"),
+        (["--train-fraction", "1.5"], "--train-fraction: expected a number in (0, 1), got 1.5"),
+        (["--validation-fraction", "0"], "--validation-fraction: expected a number in (0, 1), got 0.0"),
+        (["--train-fraction", "0.01"], "--train-fraction 0.01, --validation-fraction 0.15: train_fraction=0.01 of 48 passes leaves 0 passes"),
+    ]
+    for options, message in cases:
+        code = cli_main(["train-predictor", "--trace", str(trace_path), "--out", str(tmp_path / "run"), "--quiet", *options])
+        error = capsys.readouterr().err
+        assert code == 2, options
+        assert f"specmd-jax: error: {message}" in error
+        assert "Config." not in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_out_is_file(tmp_path: Path, capsys) -> None:
+    trace_path = tmp_path / "tiny.npz"
+    save_trace(patterned_trace(), trace_path)
+    code = cli_main(["train-predictor", "--trace", str(trace_path), "--out", str(trace_path), "--quiet"])
+    output = capsys.readouterr()
+    assert code == 2
+    assert output.err == (
+        f"specmd-jax: error: run directory {trace_path}: expected a directory or a path that does not exist yet, but "
+        f"{trace_path} is an existing file; choose another path\n"
+    )
+    assert output.out == ""  # rejected before the trace is loaded
+
+
+def test_report_pair_order() -> None:
+    # 4 layers and lookahead 3: 1->0 targets the next pass, so it comes after every pair within a pass, 2->3 included.
+    generator = np.random.default_rng(0)
+    ids = np.stack([generator.choice(8, size=(4, 2), replace=False) for _ in range(24)]).astype(np.int16)
+    trace = make_trace(ids, TraceMetadata("four", 4, 8, 2, "four.npz"), scores=np.ones(ids.shape, np.float32))
+    targets = build_targets(trace, 3)
+    report = evaluate_tables(trace, targets.requests, targets, first_pass=18, train_passes=18)
+    lines = format_report(report).splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("pair ")))
+    labels = [line[:20].strip() for line in lines[first + 1:first + 13]]
+    assert labels == [
+        "0->1", "0->2", "0->3", "1->2", "1->3", "2->3",
+        "1->0 (next pass)", "2->0 (next pass)", "2->1 (next pass)", "3->0 (next pass)", "3->1 (next pass)", "3->2 (next pass)",
+    ]
+
+
+def test_docs_python_imports() -> None:
+    # Every `from specmd_jax... import ...` line in the docs must run, and predict_scores must be among them.
+    docs = Path(__file__).resolve().parent.parent / "docs" / "predictor.md"
+    statements = re.findall(r"from specmd_jax[\w.]* import [\w, ]+", docs.read_text())
+    assert any("predict_scores" in statement for statement in statements)
+    for statement in statements:
+        exec(statement, {})
 
 
 def test_flame_short_run(tmp_path: Path, flame_npz: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 
 def _positive_int(text: str) -> int:
@@ -23,6 +24,29 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
+
+
+# Settings fields that `train-predictor` options set. The trace sets the other `PredictorConfig` fields.
+OPTION_OF_FIELD = {
+    "lookahead": "--lookahead", "window": "--window", "hidden": "--hidden", "loss": "--loss",
+    "epochs": "--epochs", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
+    "weight_decay": "--weight-decay", "warmup_epochs": "--warmup-epochs", "seed": "--seed",
+    "train_fraction": "--train-fraction", "validation_fraction": "--validation-fraction",
+}
+
+
+@contextlib.contextmanager
+def _options_named():
+    """Re-raise a `ConfigValueError` of a field that an option sets as a ValueError naming the option."""
+    from specmd_jax.predictor.model import ConfigValueError
+
+    try:
+        yield
+    except ConfigValueError as error:
+        option = OPTION_OF_FIELD.get(error.field)
+        if option is None:
+            raise
+        raise ValueError(f"{option}: {error.detail}") from None
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -99,23 +123,30 @@ def _describe_config(config) -> str:
 
 
 def cmd_train_predictor(args: argparse.Namespace) -> int:
+    from specmd_jax.predictor.checkpoint import check_run_directory
     from specmd_jax.predictor.evaluate import format_report
-    from specmd_jax.predictor.features import feature_source
+    from specmd_jax.predictor.features import feature_source, split_passes
     from specmd_jax.predictor.model import PredictorConfig
     from specmd_jax.predictor.predict import evaluate_run
     from specmd_jax.predictor.train import TrainConfig, train_predictor
     from specmd_jax.traces.io import load_any
 
+    check_run_directory(args.out)
     trace = load_any(args.trace)
-    config = PredictorConfig(
-        num_layers=trace.num_layers, num_experts=trace.num_experts, lookahead=args.lookahead, window=args.window,
-        feature_source=feature_source(trace), hidden=args.hidden, per_layer_heads=not args.shared, loss=args.loss,
-    )
-    train = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
-        train_fraction=args.train_fraction, validation_fraction=args.validation_fraction,
-    )
+    with _options_named():
+        config = PredictorConfig(
+            num_layers=trace.num_layers, num_experts=trace.num_experts, lookahead=args.lookahead, window=args.window,
+            feature_source=feature_source(trace), hidden=args.hidden, per_layer_heads=not args.shared, loss=args.loss,
+        )
+        train = TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
+            train_fraction=args.train_fraction, validation_fraction=args.validation_fraction,
+        )
+    try:
+        split_passes(trace.num_passes, train.train_fraction, train.validation_fraction)
+    except ValueError as error:
+        raise ValueError(f"--train-fraction {train.train_fraction}, --validation-fraction {train.validation_fraction}: {error}") from None
     print(f"trace: {trace.name} ({trace.metadata.source}), {trace.num_passes} passes")
     print(_describe_config(config))
     print(_cost_line(config, trace, args.model))

@@ -177,11 +177,15 @@ def format_report(report: EvaluationReport) -> str:
     best = report.best_baseline()
     learned = report.methods[LEARNED].values["recall@k"] if LEARNED in report.methods else None
     layers, lookahead = best.shape
-    for layer in range(layers):
-        for offset in range(1, lookahead + 1):
-            cells = "".join(f"{report.methods[name].values['recall@k'][layer, offset - 1]:>16.4f}" for name in names)
-            margin = f"{learned[layer, offset - 1] - best[layer, offset - 1]:>+16.4f}" if learned is not None else ""
-            lines.append(f"{_pair_label(layer, offset, layers):<20}{cells}{margin}")
+    # Pairs within a pass first, then the pairs into the next pass, each by issuing layer and offset.
+    pairs = sorted(
+        ((layer, offset) for layer in range(layers) for offset in range(1, lookahead + 1)),
+        key=lambda pair: (not same_pass[pair[0], pair[1] - 1], pair),
+    )
+    for layer, offset in pairs:
+        cells = "".join(f"{report.methods[name].values['recall@k'][layer, offset - 1]:>16.4f}" for name in names)
+        margin = f"{learned[layer, offset - 1] - best[layer, offset - 1]:>+16.4f}" if learned is not None else ""
+        lines.append(f"{_pair_label(layer, offset, layers):<20}{cells}{margin}")
     if learned is not None:
         wins = report.learned_wins()
         lines.append(

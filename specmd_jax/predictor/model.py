@@ -27,6 +27,19 @@ LOSSES = ("softmax", "sigmoid")
 """Training losses: softmax cross-entropy against the normalised request set (listwise), or per-expert sigmoid."""
 
 
+class ConfigValueError(ValueError):
+    """An invalid settings field, with the settings class, the field and the reason kept apart.
+
+    The message reads `Owner.field: detail`. The command line uses `field` to name its option instead.
+    """
+
+    def __init__(self, owner: str, field: str, detail: str):
+        super().__init__(f"{owner}.{field}: {detail}")
+        self.owner = owner
+        self.field = field
+        self.detail = detail
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictorConfig:
     """Shape and inputs of a predictor; stored in every checkpoint.
@@ -52,21 +65,22 @@ class PredictorConfig:
     loss: str = "softmax"
 
     def __post_init__(self):
+        def reject(name: str, detail: str) -> ConfigValueError:
+            return ConfigValueError("PredictorConfig", name, detail)
+
         for name, low in (("num_layers", 1), ("num_experts", 1), ("lookahead", 1), ("window", 1), ("hidden", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"PredictorConfig.{name}: expected an integer >= {low}, got {value!r}")
+                raise reject(name, f"expected an integer >= {low}, got {value!r}")
         for name in ("lookahead", "window"):
             if getattr(self, name) > self.num_layers:
-                raise ValueError(
-                    f"PredictorConfig.{name}: expected at most num_layers={self.num_layers}, got {getattr(self, name)}"
-                )
+                raise reject(name, f"expected at most num_layers={self.num_layers} (the MoE layer count), got {getattr(self, name)}")
         if not isinstance(self.per_layer_heads, bool):
-            raise ValueError(f"PredictorConfig.per_layer_heads: expected true or false, got {self.per_layer_heads!r}")
+            raise reject("per_layer_heads", f"expected true or false, got {self.per_layer_heads!r}")
         if self.feature_source not in FEATURE_SOURCES:
-            raise ValueError(f"PredictorConfig.feature_source: expected one of {', '.join(FEATURE_SOURCES)}, got {self.feature_source!r}")
+            raise reject("feature_source", f"expected one of {', '.join(FEATURE_SOURCES)}, got {self.feature_source!r}")
         if self.loss not in LOSSES:
-            raise ValueError(f"PredictorConfig.loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
+            raise reject("loss", f"expected one of {', '.join(LOSSES)}, got {self.loss!r}")
 
     @property
     def num_features(self) -> int:
@@ -91,8 +105,8 @@ class PredictorConfig:
             raise ValueError(f"{origin}: field 'model': expected keys {sorted(names)}, got unknown {unknown}, missing {missing}")
         try:
             return cls(**data)
-        except ValueError as error:
-            raise ValueError(f"{origin}: field 'model': {error}") from None
+        except ConfigValueError as error:
+            raise ValueError(f"{origin}: field 'model.{error.field}': {error.detail}") from None
 
 
 class NextLayerPredictor(nnx.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from specmd_jax.predictor import checkpoint
 from specmd_jax.predictor.evaluate import mean_recall
 from specmd_jax.predictor.features import StepTargets, build_features, build_targets, check_feature_source, split_passes
-from specmd_jax.predictor.model import NextLayerPredictor, PredictorConfig
+from specmd_jax.predictor.model import ConfigValueError, NextLayerPredictor, PredictorConfig
 from specmd_jax.traces.trace import Trace
 
 logger = logging.getLogger(__name__)
@@ -57,16 +58,23 @@ class TrainConfig:
     validation_fraction: float = 0.15
 
     def __post_init__(self):
+        def reject(name: str, detail: str) -> ConfigValueError:
+            return ConfigValueError("TrainConfig", name, detail)
+
         for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"TrainConfig.{name}: expected an integer >= {low}, got {value!r}")
+                raise reject(name, f"expected an integer >= {low}, got {value!r}")
         for name in ("learning_rate", "weight_decay"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"TrainConfig.{name}: expected a number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise reject(name, f"expected a finite number >= 0, got {value!r}")
+        for name in ("train_fraction", "validation_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise reject(name, f"expected a number in (0, 1), got {value!r}")
         if self.warmup_epochs > self.epochs:
-            raise ValueError(f"TrainConfig.warmup_epochs: expected at most epochs={self.epochs}, got {self.warmup_epochs}")
+            raise reject("warmup_epochs", f"expected at most epochs={self.epochs}, got {self.warmup_epochs}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,6 +175,59 @@ def _check_resumable(directory: Path, info: checkpoint.RunInfo) -> None:
             )
 
 
+def _resumable_epoch(directory: Path, info: checkpoint.RunInfo) -> int | None:
+    """Return the latest epoch to resume from, or None to start afresh.
+
+    Raises ValueError when `directory` has an incomplete epoch folder, when its `predictor.json`
+    describes another run than `info` (even without a saved epoch), or when it has epoch folders but
+    no `predictor.json`.
+    """
+    checkpoint.check_no_incomplete_epochs(directory)
+    if not (directory / checkpoint.RUN_FILE).is_file():
+        for kind in checkpoint.CHECKPOINT_KINDS:
+            if checkpoint.latest_epoch(directory, kind) is not None:
+                raise ValueError(
+                    f"{directory}: contains {kind}/ checkpoints but no {checkpoint.RUN_FILE}, so they cannot be "
+                    f"resumed; train into a new directory, or delete {directory / kind}"
+                )
+        return None
+    _check_resumable(directory, info)
+    return checkpoint.latest_epoch(directory, checkpoint.LATEST)
+
+
+def _delete_best_after(directory: Path, epoch: int) -> None:
+    """Delete best/ epochs after `epoch`: an interrupted run saved them, and training repeats those epochs."""
+    complete, _ = checkpoint.epoch_folders(directory, checkpoint.BEST)
+    for stale in (number for number in complete if number > epoch):
+        logger.info("%s: deleting best/%d, saved after latest/%d by an interrupted run; that epoch is trained again", directory, stale, epoch)
+        checkpoint.delete_checkpoint(directory, checkpoint.BEST, stale)
+
+
+def _reconcile_best(
+    directory: Path, resumed: int, params: nnx.State, best_epoch: int, best_recall: float, history: list[dict[str, float]]
+) -> tuple[int, float]:
+    """Make best/ agree with the resumed latest/ epoch, and return the (best epoch, its recall) to continue from.
+
+    An interrupted run can leave best/ ahead of latest/ (earlier versions of `train_predictor` saved
+    best/ first), or without the epoch that latest/ names as the best (stopped while writing best/).
+    """
+    _delete_best_after(directory, resumed)
+    if best_epoch == checkpoint.latest_epoch(directory, checkpoint.BEST):
+        return best_epoch, best_recall
+    if best_epoch == resumed:
+        checkpoint.save_checkpoint(directory, checkpoint.BEST, resumed, params, {"epoch": resumed, "validation_recall": best_recall})
+        return best_epoch, best_recall
+
+    # The best epoch's parameters are gone, so best/ restarts from the resumed epoch.
+    recall = float(history[-1]["validation_recall"]) if history else -1.0
+    logger.warning(
+        "%s: best/ has no checkpoint of the best epoch %d (validation recall@k %.4f); keeping epoch %d (%.4f) as "
+        "the best so far", directory, best_epoch, best_recall, resumed, recall,
+    )
+    checkpoint.save_checkpoint(directory, checkpoint.BEST, resumed, params, {"epoch": resumed, "validation_recall": recall})
+    return resumed, recall
+
+
 def train_predictor(
     trace: Trace,
     directory: str | os.PathLike,
@@ -179,10 +240,12 @@ def train_predictor(
     """Train a predictor on `trace`, saving every epoch under `directory/latest` and the best under `directory/best`.
 
     When `directory` already contains a run with the same settings, training resumes after its latest
-    epoch; other settings raise ValueError. `stop_after_epoch` ends this call early (the run can be
-    resumed later) and is meant for splitting long runs.
+    epoch. It first repairs what an interrupted save left (`_reconcile_best`). Other settings raise
+    ValueError. `stop_after_epoch` ends this call early (the run can be resumed later) and is meant for
+    splitting long runs.
     """
     directory = Path(directory)
+    checkpoint.check_run_directory(directory)
     check_feature_source(trace, model_config.feature_source)
     checkpoint.check_trace_compatible(model_config, trace, "train-predictor", model_config.lookahead)
     split = split_passes(trace.num_passes, train.train_fraction, train.validation_fraction)
@@ -202,18 +265,19 @@ def train_predictor(
     start_epoch = 1
 
     # Resume from the latest epoch of the same run, if there is one.
-    resumed = checkpoint.latest_epoch(directory, checkpoint.LATEST) if (directory / checkpoint.RUN_FILE).is_file() else None
+    resumed = _resumable_epoch(directory, info)
     if resumed is not None:
-        _check_resumable(directory, info)
         restored, opt_state, metadata, resumed = checkpoint.restore_checkpoint(
             directory, checkpoint.LATEST, model_config, opt_state_template=opt_state
         )
         _, params, _ = nnx.split(restored, nnx.Param, ...)
         history = list(metadata.get("history", []))
         best_epoch, best_recall = int(metadata["best_epoch"]), float(metadata["best_validation_recall"])
+        best_epoch, best_recall = _reconcile_best(directory, resumed, params, best_epoch, best_recall, history)
         start_epoch = resumed + 1
         logger.info("resuming %s after epoch %d (best validation recall@k %.4f at epoch %d)", directory, resumed, best_recall, best_epoch)
     else:
+        _delete_best_after(directory, 0)
         checkpoint.write_run_info(directory, info)
 
     train_step = _make_train_step(graphdef, rest, optimizer, model_config.loss)
@@ -238,14 +302,18 @@ def train_predictor(
         model = nnx.merge(graphdef, params, rest)
         recall = _validation_recall(model, features, targets, split.train_end, split.validation_end, trace.top_k)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "validation_recall": recall})
-        if recall >= best_recall:  # on a tie the later, longer-trained epoch is kept
+        is_best = recall >= best_recall  # on a tie the later, longer-trained epoch is kept
+        if is_best:
             best_epoch, best_recall = epoch, recall
-            checkpoint.save_checkpoint(directory, checkpoint.BEST, epoch, params, {"epoch": epoch, "validation_recall": recall})
         metadata = {
             "epoch": epoch, "validation_recall": recall, "best_epoch": best_epoch,
             "best_validation_recall": best_recall, "history": history,
         }
+        # latest/ goes first: when the run stops before best/ is written, the resume rewrites best/
+        # from latest/ (see `_reconcile_best`).
         checkpoint.save_checkpoint(directory, checkpoint.LATEST, epoch, params, metadata, opt_state=opt_state)
+        if is_best:
+            checkpoint.save_checkpoint(directory, checkpoint.BEST, epoch, params, {"epoch": epoch, "validation_recall": recall})
         logger.info(
             "epoch %d/%d: train loss %.4f, validation recall@%d %.4f (best %.4f at epoch %d)",
             epoch, train.epochs, history[-1]["train_loss"], trace.top_k, recall, best_recall, best_epoch,

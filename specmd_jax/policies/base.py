@@ -79,6 +79,11 @@ def assign_sequence(seq: jax.Array, counter: jax.Array, mask: jax.Array) -> tupl
     return new_seq, counter + jnp.sum(mask, dtype=jnp.int32)
 
 
+SORT_ABOVE_VICTIMS = 8
+"""`select_smallest` sorts once instead of searching round by round when a step may need more victims
+than this (prefetch phases with large budgets)."""
+
+
 def select_smallest(
     eligible: jax.Array,
     num_victims: jax.Array,
@@ -95,6 +100,12 @@ def select_smallest(
     faster. `max_victims` is a static bound on `num_victims` (the number of request slots of a step).
     """
     positions = jnp.arange(eligible.shape[0], dtype=jnp.int32)
+    if max_victims > SORT_ABOVE_VICTIMS:
+        # One sort by (not eligible, key, secondary, position) picks the same items as the rounds below.
+        keys = (positions,) if secondary is None else (positions, secondary)
+        order = jnp.lexsort(keys + (primary, (~eligible).astype(jnp.int32)))
+        rank = jnp.zeros_like(positions).at[order].set(positions)
+        return eligible & (rank < num_victims)
     chosen = jnp.zeros_like(eligible)
     for round_index in range(max_victims):
         open_ = eligible & ~chosen & (round_index < num_victims)

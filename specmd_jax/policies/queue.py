@@ -99,7 +99,8 @@ def advance(
     """
     shift = jnp.minimum(num_victims, step.eligible_rank)
     survivors = info.occupancy - num_victims
-    if mover_slots is not None:
+    # A prefetch phase has no hits, so nothing moves; skipping the count saves R passes over the items.
+    if mover_slots is not None and info.phase == 0:
         shift = shift + count_before(jnp.where(mover_slots, step.hit_ranks, NOT_QUEUED), rank)
         survivors = survivors - jnp.sum(mover_slots, dtype=jnp.int32)
     new_rank = jnp.where((rank < NOT_QUEUED) & ~step.victims, rank - shift, NOT_QUEUED)

@@ -78,14 +78,22 @@ def check_output_path(path: str | None, option: str) -> None:
         raise ValueError(f"invalid {option} '{path}': folder '{target.parent}' not found")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def integer_at_least(low: int):
+    """Return an argparse type that parses an integer >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = integer_at_least(1)
 
 
 def _describe(trace) -> str:
@@ -177,8 +185,8 @@ def learned_score_table(run_dir: str | None, trace, prefetchers):
     """Return the score table of the predictor run `run_dir` for the `learned` prefetcher.
 
     The passes before the run's first test pass score 0, so the learned prefetcher acts only on passes
-    that its training and model selection did not read, the same passes on which the trained baselines
-    predict with `--train-fraction` equal to the run's train fraction.
+    that its training and model selection did not read. With `--train-fraction` equal to the run's
+    train fraction, the trained baselines predict on the same passes.
     """
     if run_dir is None:
         raise ValueError("--prefetch learned needs --predictor DIR, a run of `specmd-jax train-predictor`")

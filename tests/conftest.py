@@ -35,7 +35,7 @@ def mixtral_jsonl() -> Path:
 
 
 MAX_MEMORY_MAPPINGS = 30_000
-"""Drop JAX's compiled programs once the process holds this many memory mappings (see below)."""
+"""Drop JAX's compiled programs once the process has this many memory mappings (see below)."""
 
 
 def count_memory_mappings() -> int | None:

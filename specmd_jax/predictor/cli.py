@@ -5,25 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from specmd_jax.cli import integer_at_least
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive_int = integer_at_least(1)
+_non_negative_int = integer_at_least(0)
 
 
 # Settings fields that `train-predictor` options set. The trace sets the other `PredictorConfig` fields.

@@ -182,7 +182,7 @@ def resolved_params(config: PrefetchConfig, trace_top_k: int, num_experts: int) 
     """Return (top_k, threshold, budget) with the defaults filled in.
 
     A step has at most lookahead x E candidates, so no budget (None) and every larger budget become
-    exactly that; the simulator's candidate list has this length.
+    exactly that. The simulator's candidate list has this length.
     """
     if config.top_k is not None and config.top_k > num_experts:
         raise ValueError(f"PrefetchConfig.top_k: expected at most {num_experts} (the experts per layer), got {config.top_k}")

@@ -118,10 +118,10 @@ def pool_step(
       request_next_step: int32 [R], the step of each requested item's next request (or NEVER).
       capacity: int32 scalar, the pool's slots (at least the step's request count; checked on the host).
       insert_misses: False computes every miss elsewhere (on the host): misses are counted but never
-        inserted, so nothing is evicted and the policy sees only the hits.
+        inserted, so nothing is evicted and the policy receives only the hits.
       used_positions, used_next_step: int32 [R], the items the step really uses when they differ from
         its requests (misses replaced by resident substitutes), ascending and -1 padded. The requests
-        still decide the outcomes and which items count as seen; the policy sees the used items, and
+        still decide the outcomes and which items count as seen; the policy receives the used items, and
         the used items that are not resident are inserted.
     """
     num_items = state.resident.shape[0]
@@ -278,7 +278,7 @@ def prefetch_step(
     admitted = open_ & (order < limit)
     num_prefetches = jnp.sum(admitted, dtype=jnp.int32)
 
-    # The policy sees the admitted items in ascending position, like a step's misses.
+    # The policy receives the admitted items in ascending position, like a step's misses.
     sort_key = jnp.where(admitted, candidates, INT_MAX)
     by_position = jnp.argsort(sort_key, stable=True)
     kept = jnp.take(admitted, by_position)

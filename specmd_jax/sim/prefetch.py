@@ -338,8 +338,8 @@ def simulate_prefetch_batch(
       experts, next_step: int32 [T, L, R] from `build_requests`.
       scores: float32 [T * L, D, E], the score table.
       next_use_table: int32 [T * L * E] from `next_request_table`.
-      router_scores: float32 [T * L, E], the router's mean probability of each expert per step; needed
-        by miss mode `substitute`, which draws substitutes from the `substitute_candidates` best.
+      router_scores: float32 [T * L, E], the router's mean probability of each expert per step. Miss
+        mode `substitute` needs it because it draws substitutes from the `substitute_candidates` best.
       max_budget: static bound on every config's budget (the candidate list length B).
     """
     if miss_mode not in MISS_MODES:

@@ -1,0 +1,140 @@
+"""The frontier FIFO simulator must equal the generic FIFO scan for every capacity and scope."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from specmd_jax.sim import SimConfig, build_requests, run_sweep
+from specmd_jax.sim.frontier import simulate_fifo_frontier
+from specmd_jax.traces import PASS_DECODE, PASS_PREFILL, TraceMetadata, make_trace
+from specmd_jax.traces.flame import load_flame_npz
+
+SCOPES = ("global", "per-layer")
+FLAME_PASSES = 300
+
+
+def _assert_same(requests, num_experts: int, scope: str, pool_capacities: list[int]) -> None:
+    """Compare every field at each capacity (slots per pool) with `run_sweep`'s generic FIFO scan."""
+    layers = requests.num_layers if scope == "per-layer" else 1
+    configs = [SimConfig("fifo", capacity * layers) for capacity in pool_capacities]
+    generic = run_sweep(requests, configs, scope=scope, num_experts=num_experts)
+    fast = simulate_fifo_frontier(
+        jnp.asarray(pool_capacities, jnp.int32), jnp.asarray(requests.experts), scope=scope, num_experts=num_experts
+    )
+    fields = (
+        ("requests", "requests"),
+        ("hits", "hits"),
+        ("compulsory", "compulsory_misses"),
+        ("capacity", "capacity_misses"),
+        ("collision", "collision_misses"),
+        ("evictions", "evictions"),
+    )
+    for index, slow in enumerate(generic):
+        where = (scope, pool_capacities[index])
+        for fast_field, slow_field in fields:
+            assert int(getattr(fast, fast_field)[index]) == getattr(slow, slow_field), where + (fast_field,)
+        np.testing.assert_array_equal(np.asarray(fast.hits_per_layer[index]), slow.hits_per_layer, err_msg=str(where))
+        np.testing.assert_array_equal(np.asarray(fast.requests_per_layer[index]), slow.requests_per_layer, err_msg=str(where))
+
+
+def _all_feasible(requests, num_experts: int, scope: str) -> list[int]:
+    """Pool capacities from the largest request set of a step up to every item of the pool."""
+    pool_items = num_experts if scope == "per-layer" else num_experts * requests.num_layers
+    return list(range(max(int(requests.counts.max()), 1), pool_items + 1))
+
+
+def _make_trace(expert_ids: np.ndarray, missing: np.ndarray, pass_lengths: np.ndarray, num_experts: int):
+    """A trace whose passes have the given token counts; passes of more than one token are prefill."""
+    num_layers, top_k = expert_ids.shape[1], expert_ids.shape[2]
+    expert_ids = np.where(missing[..., None], -1, expert_ids)
+    offsets = np.concatenate([[0], np.cumsum(pass_lengths)])
+    kinds = np.where(pass_lengths > 1, PASS_PREFILL, PASS_DECODE).astype(np.int8)
+    metadata = TraceMetadata("random", num_layers, num_experts, top_k, "test_fifo_frontier")
+    return make_trace(expert_ids, metadata, missing=missing, pass_offsets=offsets, pass_kind=kinds)
+
+
+def _random_trace(seed: int, num_layers: int = 3, num_experts: int = 7, top_k: int = 2, num_passes: int = 30):
+    """Passes of 1 to 4 tokens (request sets of 0 to 7 experts), with 15% of the cells missing."""
+    rng = np.random.default_rng(seed)
+    pass_lengths = rng.integers(1, 5, num_passes)
+    num_tokens = int(pass_lengths.sum())
+    ids = np.stack(
+        [[rng.choice(num_experts, top_k, replace=False) for _ in range(num_layers)] for _ in range(num_tokens)]
+    )
+    missing = rng.random((num_tokens, num_layers)) < 0.15
+    return _make_trace(ids, missing, pass_lengths, num_experts)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_frontier_random_traces(scope: str, seed: int) -> None:
+    trace = _random_trace(seed)
+    requests = build_requests(trace)
+    assert (requests.counts == 0).any(), "the trace should contain steps without requests"
+    assert len(np.unique(requests.counts)) > 2, "the trace should vary the request count per step"
+    _assert_same(requests, trace.num_experts, scope, _all_feasible(requests, trace.num_experts, scope))
+
+
+def test_frontier_random_trace_has_collisions() -> None:
+    """The random traces cause collision and capacity misses, so the global comparisons check both classes."""
+    trace = _random_trace(0)
+    requests = build_requests(trace)
+    capacity = int(requests.counts.max()) + 2
+    fast = simulate_fifo_frontier(jnp.asarray([capacity], jnp.int32), jnp.asarray(requests.experts), scope="global", num_experts=trace.num_experts)
+    assert int(fast.collision[0]) > 0
+    assert int(fast.capacity[0]) > 0
+
+
+def test_frontier_skips_requested_items_at_front() -> None:
+    """Hand-checked case: the front skips a hit on the oldest item, which stays resident until step 2."""
+    # One layer, capacity 2. Step 0 inserts 0 and 1. Step 1 hits 0 and misses 2, so the front passes 0
+    # (requested) and evicts 1. Step 2 requests 3: the oldest resident is 0 (pinned), so 0 is evicted.
+    experts = np.array([[[0, 1]], [[0, 2]], [[3, -1]], [[0, 2]]], np.int32)
+    fast = simulate_fifo_frontier(jnp.asarray([2], jnp.int32), jnp.asarray(experts), scope="per-layer", num_experts=4)
+    # Step 3 hits 2, misses 0 (a capacity miss) and evicts 3, the oldest item it does not request.
+    assert int(fast.hits[0]) == 2
+    assert int(fast.compulsory[0]) == 4
+    assert int(fast.capacity[0]) == 1
+    assert int(fast.evictions[0]) == 3
+
+
+@st.composite
+def small_traces(draw):
+    num_layers = draw(st.integers(1, 3))
+    num_experts = draw(st.integers(2, 6))
+    top_k = draw(st.integers(1, min(3, num_experts)))
+    num_passes = draw(st.integers(1, 12))
+    pass_lengths = np.array(draw(st.lists(st.integers(1, 3), min_size=num_passes, max_size=num_passes)))
+    num_tokens = int(pass_lengths.sum())
+    top_k_sets = st.lists(st.integers(0, num_experts - 1), min_size=top_k, max_size=top_k, unique=True)
+    cells = draw(st.lists(top_k_sets, min_size=num_tokens * num_layers, max_size=num_tokens * num_layers))
+    ids = np.array(cells, np.int16).reshape(num_tokens, num_layers, top_k)
+    missing_flags = draw(st.lists(st.booleans(), min_size=num_tokens * num_layers, max_size=num_tokens * num_layers))
+    missing = np.array(missing_flags).reshape(num_tokens, num_layers)
+    return _make_trace(ids, missing, pass_lengths, num_experts)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=small_traces(), scope=st.sampled_from(SCOPES))
+def test_frontier_matches_generic_property(trace, scope: str) -> None:
+    requests = build_requests(trace)
+    _assert_same(requests, trace.num_experts, scope, _all_feasible(requests, trace.num_experts, scope))
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_frontier_flame_prefix(flame_npz, scope: str) -> None:
+    trace = load_flame_npz(flame_npz)
+    requests = build_requests(trace)
+    prefix = requests._replace(
+        experts=requests.experts[:FLAME_PASSES],
+        next_step=requests.next_step[:FLAME_PASSES],
+        counts=requests.counts[:FLAME_PASSES],
+    )
+    needed = int(prefix.counts.max())
+    pool_items = trace.num_experts if scope == "per-layer" else trace.num_experts * trace.num_layers
+    capacities = sorted({needed, needed + 1, (needed + pool_items) // 2, pool_items})
+    _assert_same(prefix, trace.num_experts, scope, capacities)

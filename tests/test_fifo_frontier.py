@@ -21,7 +21,7 @@ def _assert_same(requests, num_experts: int, scope: str, pool_capacities: list[i
     """Compare every field at each capacity (slots per pool) with `run_sweep`'s generic FIFO scan."""
     layers = requests.num_layers if scope == "per-layer" else 1
     configs = [SimConfig("fifo", capacity * layers) for capacity in pool_capacities]
-    generic = run_sweep(requests, configs, scope=scope, num_experts=num_experts)
+    generic = run_sweep(requests, configs, scope=scope, num_experts=num_experts, fast_paths=False)
     fast = simulate_fifo_frontier(
         jnp.asarray(pool_capacities, jnp.int32), jnp.asarray(requests.experts), scope=scope, num_experts=num_experts
     )
@@ -138,3 +138,22 @@ def test_frontier_flame_prefix(flame_npz, scope: str) -> None:
     pool_items = trace.num_experts if scope == "per-layer" else trace.num_experts * trace.num_layers
     capacities = sorted({needed, needed + 1, (needed + pool_items) // 2, pool_items})
     _assert_same(prefix, trace.num_experts, scope, capacities)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_run_sweep_takes_the_frontier_path(scope: str) -> None:
+    """run_sweep's FIFO results (fast path, capacities spread over devices) equal the generic scan's."""
+    trace = _random_trace(11)
+    requests = build_requests(trace)
+    layers = requests.num_layers if scope == "per-layer" else 1
+    smallest = int(requests.counts.max())
+    # An odd number of capacities, so spreading over two devices pads the batch.
+    configs = [SimConfig("fifo", (smallest + extra) * layers) for extra in (0, 2, 5)]
+    fast = run_sweep(requests, configs, scope=scope, num_experts=trace.num_experts)
+    slow = run_sweep(requests, configs, scope=scope, num_experts=trace.num_experts, fast_paths=False)
+    for a, b in zip(fast, slow):
+        assert (a.hits, a.compulsory_misses, a.capacity_misses, a.collision_misses, a.evictions) == (
+            b.hits, b.compulsory_misses, b.capacity_misses, b.collision_misses, b.evictions
+        )
+        np.testing.assert_array_equal(a.hits_per_layer, b.hits_per_layer)
+

@@ -27,7 +27,7 @@ def test_zero_budget_equals_no_prefetch(small_trace):
     """The prefetch scan with a zero budget must reproduce the plain scan for every policy."""
     plain = [SimConfig(policy, 40) for policy in policy_names()]
     idle = [SimConfig(policy, 40, prefetch=PrefetchConfig("oracle", budget=0)) for policy in policy_names()]
-    plain_results = run_sweep(small_trace, plain, stack_lru=False)
+    plain_results = run_sweep(small_trace, plain, fast_paths=False)
     idle_results = run_sweep(small_trace, idle)
     for config, expected, got in zip(idle, plain_results, idle_results):
         assert got.hits == expected.hits, config.policy

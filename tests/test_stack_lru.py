@@ -17,7 +17,7 @@ def _assert_same(trace, scope: str, capacities: list[int]) -> None:
     requests = build_requests(trace)
     configs = [SimConfig("lru", capacity) for capacity in capacities]
     stack = run_sweep(requests, configs, scope=scope, num_experts=trace.num_experts)
-    generic = run_sweep(requests, configs, scope=scope, num_experts=trace.num_experts, stack_lru=False)
+    generic = run_sweep(requests, configs, scope=scope, num_experts=trace.num_experts, fast_paths=False)
     for fast, slow in zip(stack, generic):
         for field in FIELDS:
             assert getattr(fast, field) == getattr(slow, field), (scope, fast.config.capacity, field)

@@ -30,6 +30,7 @@ from specmd_jax.prefetch.registry import (
 from specmd_jax.sim.engine import SweepTotals, simulate_batch
 from specmd_jax.sim.prefetch import MISS_MODES, PrefetchParams, next_request_table, simulate_prefetch_batch
 from specmd_jax.sim.requests import StepRequests, build_requests, mean_router_probabilities, request_presence
+from specmd_jax.sim.frontier import simulate_fifo_frontier
 from specmd_jax.sim.stack import simulate_lru_stack
 from specmd_jax.traces.trace import Trace
 
@@ -225,15 +226,17 @@ def run_sweep(
     num_experts: int | None = None,
     record_events: bool = False,
     unroll: int = 1,
-    stack_lru: bool = True,
+    fast_paths: bool = True,
     train_fraction: float = DEFAULT_TRAIN_FRACTION,
     score_tables: Mapping[str, np.ndarray] | None = None,
     prefetch_inputs: PrefetchInputs | None = None,
 ) -> list[SimResult] | tuple[list[SimResult], dict[SimConfig, Any]]:
     """Simulate every configuration; one compiled, vmapped call per group of configurations.
 
-    LRU without event recording, prefetching or host misses runs as one stack-distance pass for all its
-    capacities, unless `stack_lru` is False (then it takes the generic scan, like every other policy).
+    Without event recording, prefetching or host misses, two policies take exact fast paths unless
+    `fast_paths` is False (then they take the generic scan, like every other policy): LRU runs as one
+    stack-distance pass for all its capacities (`specmd_jax.sim.stack`), and FIFO keeps insertion numbers
+    and an eviction front instead of a rank per item (`specmd_jax.sim.frontier`).
 
     Prefetching needs a Trace (not StepRequests) and `global` scope. `train_fraction` is the share of
     passes on which trained prefetchers (co-occurrence, top-k, score) estimate their tables;
@@ -291,10 +294,10 @@ def run_sweep(
                 policy, group, params, capacities, seeds, experts, next_step, prefetch_inputs, key,
                 num_experts=num_experts, record_events=record_events, unroll=unroll,
             )
-        elif name == "lru" and not record_events and stack_lru:
-            logger.info("simulating %d configurations of %s (%s scope)", len(group), name, scope)
-            # Exact for every capacity in one pass (see specmd_jax.sim.stack); tests compare both paths.
-            totals, events = simulate_lru_stack(capacities, experts, scope=scope, num_experts=num_experts), None
+        elif name in _FAST_PATHS and not record_events and fast_paths:
+            logger.info("simulating %d configurations of %s (%s scope, fast path)", len(group), name, scope)
+            # Exact (tests/test_stack_lru.py and tests/test_fifo_frontier.py compare them with the scan).
+            totals, events = _FAST_PATHS[name](capacities, experts, scope=scope, num_experts=num_experts), None
         else:
             logger.info("simulating %d configurations of %s (%s scope)", len(group), name, scope)
             params, capacities, seeds = _spread_over_devices((params, capacities, seeds), len(group))
@@ -314,6 +317,17 @@ def run_sweep(
     if record_events:
         return results, events_by_config
     return results
+
+
+def _fifo_over_devices(capacities, experts, *, scope, num_experts):
+    # Capacities are independent in the frontier scan, so they spread over the host devices.
+    padded = _spread_over_devices(capacities, capacities.shape[0])
+    totals = simulate_fifo_frontier(padded, experts, scope=scope, num_experts=num_experts)
+    return jax.tree.map(lambda leaf: leaf[: capacities.shape[0]], totals)
+
+
+# One LRU stack pass serves all capacities at once, so it is not spread over devices.
+_FAST_PATHS = {"lru": simulate_lru_stack, "fifo": _fifo_over_devices}
 
 
 def _uses_prefetch_scan(config: SimConfig) -> bool:

@@ -30,6 +30,7 @@ from specmd_jax.prefetch.registry import (
 from specmd_jax.sim.engine import SweepTotals, simulate_batch
 from specmd_jax.sim.prefetch import MISS_MODES, PrefetchParams, next_request_table, simulate_prefetch_batch
 from specmd_jax.sim.requests import StepRequests, build_requests, mean_router_probabilities, request_presence
+from specmd_jax.sim.belady_stack import fits_int32, simulate_belady_stack
 from specmd_jax.sim.frontier import simulate_fifo_frontier
 from specmd_jax.sim.stack import simulate_lru_stack
 from specmd_jax.traces.trace import Trace
@@ -233,10 +234,11 @@ def run_sweep(
 ) -> list[SimResult] | tuple[list[SimResult], dict[SimConfig, Any]]:
     """Simulate every configuration; one compiled, vmapped call per group of configurations.
 
-    Without event recording, prefetching or host misses, two policies take exact fast paths unless
+    Without event recording, prefetching or host misses, three policies take exact fast paths unless
     `fast_paths` is False (then they take the generic scan, like every other policy): LRU runs as one
-    stack-distance pass for all its capacities (`specmd_jax.sim.stack`), and FIFO keeps insertion numbers
-    and an eviction front instead of a rank per item (`specmd_jax.sim.frontier`).
+    stack-distance pass for all its capacities (`specmd_jax.sim.stack`); FIFO keeps insertion numbers
+    and an eviction front instead of a rank per item (`specmd_jax.sim.frontier`); and Belady in
+    `per-layer` scope runs as one OPT stack pass for all its capacities (`specmd_jax.sim.belady_stack`).
 
     Prefetching needs a Trace (not StepRequests) and `global` scope. `train_fraction` is the share of
     passes on which trained prefetchers (co-occurrence, top-k, score) estimate their tables;
@@ -294,10 +296,12 @@ def run_sweep(
                 policy, group, params, capacities, seeds, experts, next_step, prefetch_inputs, key,
                 num_experts=num_experts, record_events=record_events, unroll=unroll,
             )
-        elif name in _FAST_PATHS and not record_events and fast_paths:
+        elif fast_paths and not record_events and _takes_fast_path(name, scope, requests, num_experts):
             logger.info("simulating %d configurations of %s (%s scope, fast path)", len(group), name, scope)
-            # Exact (tests/test_stack_lru.py and tests/test_fifo_frontier.py compare them with the scan).
-            totals, events = _FAST_PATHS[name](capacities, experts, scope=scope, num_experts=num_experts), None
+            # Exact: tests/test_stack_lru.py, test_fifo_frontier.py and test_belady_stack.py compare each
+            # fast path with the generic scan.
+            totals = _FAST_PATHS[name](capacities, experts, next_step, scope=scope, num_experts=num_experts)
+            events = None
         else:
             logger.info("simulating %d configurations of %s (%s scope)", len(group), name, scope)
             params, capacities, seeds = _spread_over_devices((params, capacities, seeds), len(group))
@@ -319,15 +323,46 @@ def run_sweep(
     return results
 
 
-def _fifo_over_devices(capacities, experts, *, scope, num_experts):
+def _lru_stack(capacities, experts, next_step, *, scope, num_experts):
+    del next_step
+    # One stack pass serves all capacities at once, so it is not spread over devices.
+    return simulate_lru_stack(capacities, experts, scope=scope, num_experts=num_experts)
+
+
+def _fifo_over_devices(capacities, experts, next_step, *, scope, num_experts):
+    del next_step
     # Capacities are independent in the frontier scan, so they spread over the host devices.
     padded = _spread_over_devices(capacities, capacities.shape[0])
     totals = simulate_fifo_frontier(padded, experts, scope=scope, num_experts=num_experts)
     return jax.tree.map(lambda leaf: leaf[: capacities.shape[0]], totals)
 
 
-# One LRU stack pass serves all capacities at once, so it is not spread over devices.
-_FAST_PATHS = {"lru": simulate_lru_stack, "fifo": _fifo_over_devices}
+def _belady_over_devices(capacities, experts, next_step, *, scope, num_experts):
+    del scope  # per-layer only, see _takes_fast_path
+    # The layers' pools are independent, so they spread over the host devices; padded layers are empty.
+    num_layers = experts.shape[1]
+    devices = jax.local_devices()
+    padded_layers = -(-num_layers // len(devices)) * len(devices)
+    if len(devices) > 1 and num_layers > 1:
+        padding = ((0, 0), (0, padded_layers - num_layers), (0, 0))
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("layers",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "layers", None))
+        experts, next_step = (jax.device_put(jnp.pad(a, padding, constant_values=-1), sharding) for a in (experts, next_step))
+    totals = simulate_belady_stack(capacities, experts, next_step, num_experts=num_experts)
+    return totals._replace(
+        requests_per_layer=totals.requests_per_layer[:, :num_layers], hits_per_layer=totals.hits_per_layer[:, :num_layers]
+    )
+
+
+_FAST_PATHS = {"lru": _lru_stack, "fifo": _fifo_over_devices, "belady": _belady_over_devices}
+
+
+def _takes_fast_path(name: str, scope: str, requests: StepRequests, num_experts: int) -> bool:
+    if name == "belady":
+        # The OPT stack is exact in both scopes but only pays for itself on per-layer pools (see
+        # specmd_jax.sim.belady_stack), and its int32 keys grow with the number of steps.
+        return scope == "per-layer" and fits_int32(requests.next_step, num_experts)
+    return name in _FAST_PATHS
 
 
 def _uses_prefetch_scan(config: SimConfig) -> bool:

@@ -29,7 +29,7 @@ Per-layer pools have N = E items. A global pool has L * E items, for which this 
 scan, so `global` scope takes the generic scan.
 
 Miss classes: every miss is compulsory (the first request of each item, the same at every capacity) or a
-capacity miss. There are no collision misses in per-layer scope, because a pool sees one step per pass and
+capacity miss. There are no collision misses in per-layer scope, because a pool has one step per pass and
 a step never evicts its own requests. Evictions equal the misses minus the final occupancy.
 """
 

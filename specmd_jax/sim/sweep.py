@@ -32,6 +32,7 @@ from specmd_jax.sim.prefetch import MISS_MODES, PrefetchParams, next_request_tab
 from specmd_jax.sim.requests import StepRequests, build_requests, mean_router_probabilities, request_presence
 from specmd_jax.sim.belady_stack import fits_int32, simulate_belady_stack
 from specmd_jax.sim.frontier import simulate_fifo_frontier
+from specmd_jax.sim.least_stale_layers import simulate_least_stale_per_layer
 from specmd_jax.sim.stack import simulate_lru_stack
 from specmd_jax.traces.trace import Trace
 
@@ -234,11 +235,12 @@ def run_sweep(
 ) -> list[SimResult] | tuple[list[SimResult], dict[SimConfig, Any]]:
     """Simulate every configuration; one compiled, vmapped call per group of configurations.
 
-    Without event recording, prefetching or host misses, three policies take exact fast paths unless
+    Without event recording, prefetching or host misses, four policies take exact fast paths unless
     `fast_paths` is False (then they take the generic scan, like every other policy): LRU runs as one
-    stack-distance pass for all its capacities (`specmd_jax.sim.stack`); FIFO keeps insertion numbers
-    and an eviction front instead of a rank per item (`specmd_jax.sim.frontier`); and Belady in
-    `per-layer` scope runs as one OPT stack pass for all its capacities (`specmd_jax.sim.belady_stack`).
+    stack-distance pass for all its capacities (`specmd_jax.sim.stack`), and FIFO keeps insertion numbers
+    and an eviction front instead of a rank per item (`specmd_jax.sim.frontier`). In `per-layer` scope,
+    Belady runs as one OPT stack pass for all its capacities (`specmd_jax.sim.belady_stack`) and
+    Least-Stale by counting ranks over the request slots (`specmd_jax.sim.least_stale_layers`).
 
     Prefetching needs a Trace (not StepRequests) and `global` scope. `train_fraction` is the share of
     passes on which trained prefetchers (co-occurrence, top-k, score) estimate their tables;
@@ -298,8 +300,8 @@ def run_sweep(
             )
         elif fast_paths and not record_events and _takes_fast_path(name, scope, requests, num_experts):
             logger.info("simulating %d configurations of %s (%s scope, fast path)", len(group), name, scope)
-            # Exact: tests/test_stack_lru.py, test_fifo_frontier.py and test_belady_stack.py compare each
-            # fast path with the generic scan.
+            # Exact: tests/test_stack_lru.py, test_fifo_frontier.py, test_belady_stack.py and
+            # test_least_stale_layers.py compare each fast path with the generic scan.
             totals = _FAST_PATHS[name](capacities, experts, next_step, scope=scope, num_experts=num_experts)
             events = None
         else:
@@ -337,31 +339,56 @@ def _fifo_over_devices(capacities, experts, next_step, *, scope, num_experts):
     return jax.tree.map(lambda leaf: leaf[: capacities.shape[0]], totals)
 
 
-def _belady_over_devices(capacities, experts, next_step, *, scope, num_experts):
-    del scope  # per-layer only, see _takes_fast_path
-    # The layers' pools are independent, so they spread over the host devices; padded layers are empty.
+def _spread_layers(experts, next_step):
+    """Shard the layer axis of the requests over the host devices, padding it with empty layers."""
     num_layers = experts.shape[1]
     devices = jax.local_devices()
+    if len(devices) < 2 or num_layers < 2:
+        return experts, next_step
     padded_layers = -(-num_layers // len(devices)) * len(devices)
-    if len(devices) > 1 and num_layers > 1:
-        padding = ((0, 0), (0, padded_layers - num_layers), (0, 0))
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("layers",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "layers", None))
-        experts, next_step = (jax.device_put(jnp.pad(a, padding, constant_values=-1), sharding) for a in (experts, next_step))
-    totals = simulate_belady_stack(capacities, experts, next_step, num_experts=num_experts)
+    padding = ((0, 0), (0, padded_layers - num_layers), (0, 0))
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("layers",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "layers", None))
+    return tuple(jax.device_put(jnp.pad(a, padding, constant_values=-1), sharding) for a in (experts, next_step))
+
+
+def _first_layers(totals: SweepTotals, num_layers: int) -> SweepTotals:
     return totals._replace(
         requests_per_layer=totals.requests_per_layer[:, :num_layers], hits_per_layer=totals.hits_per_layer[:, :num_layers]
     )
 
 
-_FAST_PATHS = {"lru": _lru_stack, "fifo": _fifo_over_devices, "belady": _belady_over_devices}
+def _belady_over_devices(capacities, experts, next_step, *, scope, num_experts):
+    del scope  # per-layer only, see _takes_fast_path
+    # The layers' pools are independent, so they spread over the host devices.
+    spread_experts, spread_next = _spread_layers(experts, next_step)
+    totals = simulate_belady_stack(capacities, spread_experts, spread_next, num_experts=num_experts)
+    return _first_layers(totals, experts.shape[1])
+
+
+def _least_stale_over_devices(capacities, experts, next_step, *, scope, num_experts):
+    del scope  # per-layer only, see _takes_fast_path
+    spread_experts, _ = _spread_layers(experts, next_step)
+    totals = simulate_least_stale_per_layer(capacities, spread_experts, num_experts=num_experts)
+    return _first_layers(totals, experts.shape[1])
+
+
+_FAST_PATHS = {
+    "lru": _lru_stack,
+    "fifo": _fifo_over_devices,
+    "belady": _belady_over_devices,
+    "least-stale": _least_stale_over_devices,
+}
 
 
 def _takes_fast_path(name: str, scope: str, requests: StepRequests, num_experts: int) -> bool:
     if name == "belady":
-        # The OPT stack is exact in both scopes but only pays for itself on per-layer pools (see
-        # specmd_jax.sim.belady_stack), and its int32 keys grow with the number of steps.
+        # The OPT stack only pays for itself on per-layer pools (see specmd_jax.sim.belady_stack), and its
+        # int32 keys grow with the number of steps.
         return scope == "per-layer" and fits_int32(requests.next_step, num_experts)
+    if name == "least-stale":
+        # Rank counting relies on every step starting a pass for its pool, which is true in per-layer scope only.
+        return scope == "per-layer"
     return name in _FAST_PATHS
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from specmd_jax.policies.base import NEVER
 from specmd_jax.sim import SimConfig, build_requests, run_sweep
-from specmd_jax.sim.belady_stack import fits_int32, simulate_belady_stack
+from specmd_jax.sim.belady_stack import _position_of_rth, fits_int32, simulate_belady_stack
 from specmd_jax.traces import PASS_DECODE, PASS_PREFILL, TraceMetadata, make_trace
 from specmd_jax.traces.flame import load_flame_npz
 from specmd_jax.traces.mixtral import load_mixtral_jsonl
@@ -155,3 +156,16 @@ def test_keys_past_int32_take_the_generic_scan() -> None:
     assert fits_int32(next_step, num_experts=64)
     far = np.array([[[2**26, -1]]], np.int32)  # a next request at step 2**26, times 64 experts, passes 2**31
     assert not fits_int32(far, num_experts=64)
+
+
+@pytest.mark.parametrize("max_rank", [3, 40])  # the bit-clearing branch, then the binary search
+@pytest.mark.parametrize("num_positions", [32, 96])
+def test_position_of_rth_event(max_rank: int, num_positions: int) -> None:
+    rng = np.random.default_rng(max_rank + num_positions)
+    events = rng.random((50, num_positions)) < rng.random((50, 1))
+    ranks = rng.integers(0, max_rank + 1, 50)
+    positions = jax.vmap(lambda row, rank: _position_of_rth(row, rank, max_rank))(jnp.asarray(events), jnp.asarray(ranks, jnp.int32))
+    for row, rank, position in zip(events, ranks, np.asarray(positions)):
+        true_positions = np.flatnonzero(row)
+        expected = 0 if rank == 0 else (true_positions[rank - 1] if rank <= len(true_positions) else num_positions)
+        assert position == expected, (rank, true_positions[:rank])

@@ -24,7 +24,8 @@ positions 0 .. C - 1 hold at least r events. So the smallest capacity whose cach
 max(y, e(y)) + 1.
 
 Each step builds, for each of the N positions of a pool, the N event bits packed into 32-bit words, and
-finds e(y) by a binary search over popcounts: O(N * N / 32) words and no loop over requests or victims.
+finds e(y) on the words: by clearing the lowest set bit r - 1 times when steps request few experts, else
+by a binary search over popcounts. That is O(N * N / 32) words and no loop over the stack.
 Per-layer pools have N = E items. A global pool has L * E items, for which this costs more than the generic
 scan, so `global` scope takes the generic scan.
 
@@ -57,32 +58,51 @@ def fits_int32(next_step: np.ndarray, num_experts: int) -> bool:
     return (last_step + 1) * num_experts < np.iinfo(np.int32).max
 
 
-def _position_of_rth(events: jax.Array, rank: jax.Array) -> jax.Array:
-    """Return, for each row of `events` bool [..., P] (P a multiple of 32), the position of its rank-th True.
-
-    Rows with fewer than `rank` True entries get P.
-    """
-    num_positions = events.shape[-1]
-    num_words = num_positions // _WORD_BITS
+def _pack_words(events: jax.Array) -> jax.Array:
+    """Pack bool [..., P] (P a multiple of 32) into uint32 words [..., P / 32], position i at bit i % 32."""
+    num_words = events.shape[-1] // _WORD_BITS
     shifts = jnp.arange(_WORD_BITS, dtype=jnp.uint32)
     bits = events.reshape(events.shape[:-1] + (num_words, _WORD_BITS)).astype(jnp.uint32) << shifts
-    words = jnp.sum(bits, axis=-1, dtype=jnp.uint32)  # distinct bits, so the sum is their OR
-    word_start = jnp.arange(num_words, dtype=jnp.int32) * _WORD_BITS
+    return jnp.sum(bits, axis=-1, dtype=jnp.uint32)  # distinct bits, so the sum is their OR
 
-    # Binary search for the smallest position whose prefix (itself included) contains `rank` events.
+
+def _position_of_rth(events: jax.Array, rank: jax.Array, max_rank: int) -> jax.Array:
+    """Return, for each row of `events` bool [..., P] (P a multiple of 32), the position of its rank-th True.
+
+    Rows with fewer than `rank` True entries get P. `rank` is at most the static `max_rank`.
+    """
+    num_positions = events.shape[-1]
+    words = _pack_words(events)
+    word_start = jnp.arange(words.shape[-1], dtype=jnp.int32) * _WORD_BITS
+    one = jnp.uint32(1)
+    if max_rank <= 2 * math.ceil(math.log2(num_positions + 1)):
+        # Few requests per step: clear the lowest set bit rank - 1 times, then count its trailing zeros.
+        for cleared in range(max_rank - 1):
+            nonzero = words != 0
+            first = nonzero & (jnp.cumsum(nonzero, axis=-1) == 1)
+            words = jnp.where(first & (cleared < rank - 1)[..., None], words & (words - one), words)
+        nonzero = words != 0
+        first = nonzero & (jnp.cumsum(nonzero, axis=-1) == 1)
+        trailing_zeros = jax.lax.population_count(~words & (words - one)).astype(jnp.int32)
+        position = jnp.sum(jnp.where(first, word_start + trailing_zeros, 0), axis=-1)
+        position = jnp.where(jnp.any(nonzero, axis=-1), position, num_positions)
+        # The 0-th event is before every position, as in the binary search below.
+        return jnp.where(rank > 0, position, 0)
+
+    # Many requests per step: binary search for the smallest prefix (itself included) with `rank` events.
     low = jnp.zeros(events.shape[:-1], jnp.int32)
     high = jnp.full(events.shape[:-1], num_positions, jnp.int32)
     for _ in range(math.ceil(math.log2(num_positions + 1))):
         middle = (low + high) // 2
         kept_bits = jnp.clip(middle[..., None] + 1 - word_start, 0, _WORD_BITS)
         # (1 << 32) overflows uint32, so a full word keeps every bit through a separate branch.
-        partial = (jnp.uint32(1) << jnp.minimum(kept_bits, _WORD_BITS - 1).astype(jnp.uint32)) - jnp.uint32(1)
+        partial = (one << jnp.minimum(kept_bits, _WORD_BITS - 1).astype(jnp.uint32)) - one
         mask = jnp.where(kept_bits == _WORD_BITS, jnp.uint32(0xFFFFFFFF), partial)
         count = jnp.sum(jax.lax.population_count(words & mask), axis=-1, dtype=jnp.int32)
         enough = count >= rank
         high = jnp.where(enough, middle, high)
         low = jnp.where(enough, low, middle + 1)
-    return low
+    return jnp.minimum(low, num_positions)  # a row with too few events ends one past the last position
 
 
 def _pool_step(keys, size, experts, next_step, step, capacities, *, num_experts: int, never_base: jax.Array):
@@ -97,7 +117,7 @@ def _pool_step(keys, size, experts, next_step, step, capacities, *, num_experts:
     # events[y, i]: position i counts towards moving the item at position y (module docstring).
     shared = (position >= size) | requested
     events = (shared[None, :] | (keys[None, :] > keys[:, None])) & (position[None, :] != position[:, None])
-    target = jnp.maximum(position, _position_of_rth(events, num_requests))
+    target = jnp.maximum(position, _position_of_rth(events, num_requests, experts.shape[0]))
 
     tie = num_experts - 1 - jnp.where(used, experts, 0)
     new_keys = jnp.where(next_step == NEVER, never_base + tie, next_step * num_experts + tie)

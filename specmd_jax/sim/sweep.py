@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specmd_jax.policies.base import NEVER
 from specmd_jax.policies.registry import get_policy
 from specmd_jax.prefetch.sources import check_lookahead
 from specmd_jax.prefetch.registry import (
@@ -332,8 +333,11 @@ def _lru_stack(capacities, experts, next_step, *, scope, num_experts):
 
 
 def _fifo_over_devices(capacities, experts, next_step, *, scope, num_experts):
-    del next_step
-    # Capacities are independent in the frontier scan, so they spread over the host devices.
+    # Per-layer pools spread over the host devices by layer, a global pool by capacity.
+    if scope == "per-layer":
+        spread_experts, _ = _spread_layers(experts, next_step)
+        totals = simulate_fifo_frontier(capacities, spread_experts, scope=scope, num_experts=num_experts)
+        return _first_layers(totals, experts.shape[1])
     padded = _spread_over_devices(capacities, capacities.shape[0])
     totals = simulate_fifo_frontier(padded, experts, scope=scope, num_experts=num_experts)
     return jax.tree.map(lambda leaf: leaf[: capacities.shape[0]], totals)
@@ -347,6 +351,9 @@ def _spread_layers(experts, next_step):
         return experts, next_step
     padded_layers = -(-num_layers // len(devices)) * len(devices)
     padding = ((0, 0), (0, padded_layers - num_layers), (0, 0))
+    # Next-request steps count p * L + l; renumber them for the padded layer count.
+    finite = (next_step >= 0) & (next_step != NEVER)
+    next_step = jnp.where(finite, next_step // num_layers * padded_layers + next_step % num_layers, next_step)
     mesh = jax.sharding.Mesh(np.asarray(devices), ("layers",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "layers", None))
     return tuple(jax.device_put(jnp.pad(a, padding, constant_values=-1), sharding) for a in (experts, next_step))

@@ -66,6 +66,18 @@ def _pack_words(events: jax.Array) -> jax.Array:
     return jnp.sum(bits, axis=-1, dtype=jnp.uint32)  # distinct bits, so the sum is their OR
 
 
+def _clear_lowest_bit(columns: list[jax.Array], active) -> list[jax.Array]:
+    """Clear the lowest set bit of multi-word bit rows (word 0 lowest), where `active` is True."""
+    one = jnp.uint32(1)
+    done = ~active
+    cleared = []
+    for word in columns:  # a Python loop over the few words, which avoids a cumulative sum per step
+        here = ~done & (word != 0)
+        cleared.append(jnp.where(here, word & (word - one), word))
+        done = done | here
+    return cleared
+
+
 def _position_of_rth(events: jax.Array, rank: jax.Array, max_rank: int) -> jax.Array:
     """Return, for each row of `events` bool [..., P] (P a multiple of 32), the position of its rank-th True.
 
@@ -77,15 +89,13 @@ def _position_of_rth(events: jax.Array, rank: jax.Array, max_rank: int) -> jax.A
     one = jnp.uint32(1)
     if max_rank <= 2 * math.ceil(math.log2(num_positions + 1)):
         # Few requests per step: clear the lowest set bit rank - 1 times, then count its trailing zeros.
+        columns = [words[..., index] for index in range(words.shape[-1])]
         for cleared in range(max_rank - 1):
-            nonzero = words != 0
-            first = nonzero & (jnp.cumsum(nonzero, axis=-1) == 1)
-            words = jnp.where(first & (cleared < rank - 1)[..., None], words & (words - one), words)
-        nonzero = words != 0
-        first = nonzero & (jnp.cumsum(nonzero, axis=-1) == 1)
-        trailing_zeros = jax.lax.population_count(~words & (words - one)).astype(jnp.int32)
-        position = jnp.sum(jnp.where(first, word_start + trailing_zeros, 0), axis=-1)
-        position = jnp.where(jnp.any(nonzero, axis=-1), position, num_positions)
+            columns = _clear_lowest_bit(columns, cleared < rank - 1)
+        position = jnp.full(columns[0].shape, num_positions, jnp.int32)
+        for index in reversed(range(len(columns))):  # the first nonzero word decides
+            trailing_zeros = jax.lax.population_count(~columns[index] & (columns[index] - one)).astype(jnp.int32)
+            position = jnp.where(columns[index] != 0, index * _WORD_BITS + trailing_zeros, position)
         # The 0-th event is before every position, as in the binary search below.
         return jnp.where(rank > 0, position, 0)
 

@@ -327,8 +327,11 @@ def run_sweep(
 
 
 def _lru_stack(capacities, experts, next_step, *, scope, num_experts):
-    del next_step
-    # One stack pass serves all capacities at once, so it is not spread over devices.
+    # One stack pass serves all capacities at once. Per-layer pools spread over the devices by layer.
+    if scope == "per-layer":
+        spread_experts, _ = _spread_layers(experts, next_step)
+        totals = simulate_lru_stack(capacities, spread_experts, scope=scope, num_experts=num_experts)
+        return _first_layers(totals, experts.shape[1])
     return simulate_lru_stack(capacities, experts, scope=scope, num_experts=num_experts)
 
 

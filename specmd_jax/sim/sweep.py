@@ -329,7 +329,7 @@ def run_sweep(
 def _lru_stack(capacities, experts, next_step, *, scope, num_experts):
     # One stack pass serves all capacities at once. Per-layer pools spread over the devices by layer.
     if scope == "per-layer":
-        spread_experts, _ = _spread_layers(experts, next_step)
+        spread_experts, _ = _spread_layers(experts)
         totals = simulate_lru_stack(capacities, spread_experts, scope=scope, num_experts=num_experts)
         return _first_layers(totals, experts.shape[1])
     return simulate_lru_stack(capacities, experts, scope=scope, num_experts=num_experts)
@@ -338,7 +338,7 @@ def _lru_stack(capacities, experts, next_step, *, scope, num_experts):
 def _fifo_over_devices(capacities, experts, next_step, *, scope, num_experts):
     # Per-layer pools spread over the host devices by layer, a global pool by capacity.
     if scope == "per-layer":
-        spread_experts, _ = _spread_layers(experts, next_step)
+        spread_experts, _ = _spread_layers(experts)
         totals = simulate_fifo_frontier(capacities, spread_experts, scope=scope, num_experts=num_experts)
         return _first_layers(totals, experts.shape[1])
     padded = _spread_over_devices(capacities, capacities.shape[0])
@@ -346,20 +346,30 @@ def _fifo_over_devices(capacities, experts, next_step, *, scope, num_experts):
     return jax.tree.map(lambda leaf: leaf[: capacities.shape[0]], totals)
 
 
-def _spread_layers(experts, next_step):
-    """Shard the layer axis of the requests over the host devices, padding it with empty layers."""
+def _spread_layers(experts, next_step=None):
+    """Shard the layer axis of the requests over the host devices, padding it with empty layers.
+
+    Returns the spread experts, and the spread next steps when `next_step` is given (else None).
+    """
     num_layers = experts.shape[1]
     devices = jax.local_devices()
     if len(devices) < 2 or num_layers < 2:
         return experts, next_step
     padded_layers = -(-num_layers // len(devices)) * len(devices)
-    padding = ((0, 0), (0, padded_layers - num_layers), (0, 0))
-    # Next-request steps count p * L + l; renumber them for the padded layer count.
-    finite = (next_step >= 0) & (next_step != NEVER)
-    next_step = jnp.where(finite, next_step // num_layers * padded_layers + next_step % num_layers, next_step)
     mesh = jax.sharding.Mesh(np.asarray(devices), ("layers",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "layers", None))
-    return tuple(jax.device_put(jnp.pad(a, padding, constant_values=-1), sharding) for a in (experts, next_step))
+    padding = ((0, 0), (0, padded_layers - num_layers), (0, 0))
+    if padded_layers > num_layers:
+        experts = jnp.pad(experts, padding, constant_values=-1)
+    experts = jax.device_put(experts, sharding)
+    if next_step is None:
+        return experts, None
+    if padded_layers > num_layers:
+        # Next-request steps count p * L + l; renumber them for the padded layer count.
+        finite = (next_step >= 0) & (next_step != NEVER)
+        next_step = jnp.where(finite, next_step // num_layers * padded_layers + next_step % num_layers, next_step)
+        next_step = jnp.pad(next_step, padding, constant_values=-1)
+    return experts, jax.device_put(next_step, sharding)
 
 
 def _first_layers(totals: SweepTotals, num_layers: int) -> SweepTotals:
@@ -378,7 +388,7 @@ def _belady_over_devices(capacities, experts, next_step, *, scope, num_experts):
 
 def _least_stale_over_devices(capacities, experts, next_step, *, scope, num_experts):
     del scope  # per-layer only, see _takes_fast_path
-    spread_experts, _ = _spread_layers(experts, next_step)
+    spread_experts, _ = _spread_layers(experts)
     totals = simulate_least_stale_per_layer(capacities, spread_experts, num_experts=num_experts)
     return _first_layers(totals, experts.shape[1])
 

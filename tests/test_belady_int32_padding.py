@@ -1,7 +1,7 @@
 """Per-layer Belady on host devices whose count does not divide the layer count.
 
 Spreading layers over the devices pads the layer axis and renumbers next-request steps p * L + l to
-p * L' + l with L' > L, so the OPT stack's keys grow by L' / L. `fits_int32` checks the keys before
+p * L' + l with L' > L, so the OPT stack's keys grow by L' / L, and `fits_int32` must check them after
 that growth. This trace prefix has keys that fit int32 for 3 layers but not for the 4 padded layers.
 """
 

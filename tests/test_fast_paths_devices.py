@@ -46,3 +46,18 @@ def test_fast_paths_on_two_host_devices() -> None:
     result = subprocess.run([sys.executable, "-c", TWO_DEVICE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fast paths equal the scan on 2 devices" in result.stdout
+
+
+def test_zero_passes_take_the_generic_scan() -> None:
+    """Requests sliced to zero passes give zero totals on every path instead of failing."""
+    import numpy as np
+
+    from specmd_jax.sim import SimConfig, run_sweep
+    from specmd_jax.sim.requests import StepRequests
+
+    experts = np.full((0, 2, 1), -1, np.int32)
+    requests = StepRequests(experts, experts.copy(), np.zeros((0, 2), np.int32))
+    for policy in ("lru", "fifo", "least-stale", "belady"):
+        (result,) = run_sweep(requests, [SimConfig(policy, 2)], scope="per-layer", num_experts=4)
+        assert result.requests == 0, policy
+        assert result.hits == 0, policy

@@ -50,11 +50,16 @@ _EMPTY = np.iinfo(np.int32).max  # key of a position beyond the stack, larger th
 _WORD_BITS = 32
 
 
-def fits_int32(next_step: np.ndarray, num_experts: int) -> bool:
-    """Return whether every key for `StepRequests.next_step` [T, L, R] with E experts per layer fits in int32."""
+def fits_int32(next_step: np.ndarray, num_experts: int, padded_layers: int | None = None) -> bool:
+    """Return whether every key for `StepRequests.next_step` [T, L, R] with E experts per layer fits in int32.
+
+    With `padded_layers` (>= L), check the keys after steps p * L + l are renumbered p * padded_layers + l.
+    """
     num_passes, num_layers, _ = next_step.shape
-    finite = next_step[(next_step >= 0) & (next_step != NEVER)]
-    last_step = max(num_passes * num_layers, int(finite.max()) + 1 if finite.size else 0)
+    padded_layers = num_layers if padded_layers is None else padded_layers
+    finite = next_step[(next_step >= 0) & (next_step != NEVER)].astype(np.int64)
+    renumbered = finite // num_layers * padded_layers + finite % num_layers
+    last_step = max(num_passes * padded_layers, int(renumbered.max()) + 1 if renumbered.size else 0)
     return (last_step + 1) * num_experts < np.iinfo(np.int32).max
 
 

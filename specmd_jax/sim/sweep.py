@@ -346,6 +346,14 @@ def _fifo_over_devices(capacities, experts, next_step, *, scope, num_experts):
     return jax.tree.map(lambda leaf: leaf[: capacities.shape[0]], totals)
 
 
+def _padded_layers(num_layers: int) -> int:
+    """Layer count after `_spread_layers` pads it to a multiple of the host devices."""
+    devices = len(jax.local_devices())
+    if devices < 2 or num_layers < 2:
+        return num_layers
+    return -(-num_layers // devices) * devices
+
+
 def _spread_layers(experts, next_step=None):
     """Shard the layer axis of the requests over the host devices, padding it with empty layers.
 
@@ -355,7 +363,7 @@ def _spread_layers(experts, next_step=None):
     devices = jax.local_devices()
     if len(devices) < 2 or num_layers < 2:
         return experts, next_step
-    padded_layers = -(-num_layers // len(devices)) * len(devices)
+    padded_layers = _padded_layers(num_layers)
     mesh = jax.sharding.Mesh(np.asarray(devices), ("layers",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "layers", None))
     padding = ((0, 0), (0, padded_layers - num_layers), (0, 0))
@@ -402,10 +410,12 @@ _FAST_PATHS = {
 
 
 def _takes_fast_path(name: str, scope: str, requests: StepRequests, num_experts: int) -> bool:
+    if requests.num_passes == 0:
+        return False
     if name == "belady":
         # The OPT stack only pays for itself on per-layer pools (see specmd_jax.sim.belady_stack), and its
-        # int32 keys grow with the number of steps.
-        return scope == "per-layer" and fits_int32(requests.next_step, num_experts)
+        # int32 keys grow with the number of steps, counted over the layers padded for the devices.
+        return scope == "per-layer" and fits_int32(requests.next_step, num_experts, _padded_layers(requests.num_layers))
     if name == "least-stale":
         # Rank counting relies on every step starting a pass for its pool, which is true in per-layer scope only.
         return scope == "per-layer"

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fast_path_traces import small_traces, trace_from_tokens
 from specmd_jax.sim import SimConfig, build_requests, run_sweep
 from specmd_jax.sim.frontier import simulate_fifo_frontier
-from specmd_jax.traces import PASS_DECODE, PASS_PREFILL, TraceMetadata, make_trace
 from specmd_jax.traces.flame import load_flame_npz
 
 SCOPES = ("global", "per-layer")
@@ -47,16 +47,6 @@ def _all_feasible(requests, num_experts: int, scope: str) -> list[int]:
     return list(range(max(int(requests.counts.max()), 1), pool_items + 1))
 
 
-def _make_trace(expert_ids: np.ndarray, missing: np.ndarray, pass_lengths: np.ndarray, num_experts: int):
-    """A trace whose passes have the given token counts; passes of more than one token are prefill."""
-    num_layers, top_k = expert_ids.shape[1], expert_ids.shape[2]
-    expert_ids = np.where(missing[..., None], -1, expert_ids)
-    offsets = np.concatenate([[0], np.cumsum(pass_lengths)])
-    kinds = np.where(pass_lengths > 1, PASS_PREFILL, PASS_DECODE).astype(np.int8)
-    metadata = TraceMetadata("random", num_layers, num_experts, top_k, "test_fifo_frontier")
-    return make_trace(expert_ids, metadata, missing=missing, pass_offsets=offsets, pass_kind=kinds)
-
-
 def _random_trace(seed: int, num_layers: int = 3, num_experts: int = 7, top_k: int = 2, num_passes: int = 30):
     """Passes of 1 to 4 tokens (request sets of 0 to 7 experts), with 15% of the cells missing."""
     rng = np.random.default_rng(seed)
@@ -66,7 +56,7 @@ def _random_trace(seed: int, num_layers: int = 3, num_experts: int = 7, top_k: i
         [[rng.choice(num_experts, top_k, replace=False) for _ in range(num_layers)] for _ in range(num_tokens)]
     )
     missing = rng.random((num_tokens, num_layers)) < 0.15
-    return _make_trace(ids, missing, pass_lengths, num_experts)
+    return trace_from_tokens(ids, missing, pass_lengths, num_experts)
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -100,22 +90,6 @@ def test_frontier_skips_requested_items_at_front() -> None:
     assert int(fast.compulsory[0]) == 4
     assert int(fast.capacity[0]) == 1
     assert int(fast.evictions[0]) == 3
-
-
-@st.composite
-def small_traces(draw):
-    num_layers = draw(st.integers(1, 3))
-    num_experts = draw(st.integers(2, 6))
-    top_k = draw(st.integers(1, min(3, num_experts)))
-    num_passes = draw(st.integers(1, 12))
-    pass_lengths = np.array(draw(st.lists(st.integers(1, 3), min_size=num_passes, max_size=num_passes)))
-    num_tokens = int(pass_lengths.sum())
-    top_k_sets = st.lists(st.integers(0, num_experts - 1), min_size=top_k, max_size=top_k, unique=True)
-    cells = draw(st.lists(top_k_sets, min_size=num_tokens * num_layers, max_size=num_tokens * num_layers))
-    ids = np.array(cells, np.int16).reshape(num_tokens, num_layers, top_k)
-    missing_flags = draw(st.lists(st.booleans(), min_size=num_tokens * num_layers, max_size=num_tokens * num_layers))
-    missing = np.array(missing_flags).reshape(num_tokens, num_layers)
-    return _make_trace(ids, missing, pass_lengths, num_experts)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

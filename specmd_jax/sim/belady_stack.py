@@ -7,9 +7,10 @@ the hit counts of all capacities, at the cost of about one configuration of the 
 The hit counts do not depend on how ties between keys are broken (two tied items are both requested at
 the same step, or never again), so only their uniqueness matters here.
 
-Key of an item (expert e of the pool's layer) whose next request is at global step s (p * L + l):
+Key of an item (expert e of the pool's layer). Let s be the global step (p * L + l) of its next request.
+Let S be a step past the last step of the trace and past every next request. The key is:
   s * E + (E - 1 - e)    if it is requested again;
-  S * E + (E - 1 - e)    if it is never requested again, where S is past the last step of the trace.
+  S * E + (E - 1 - e)    if it is never requested again.
 A larger key is a later next request, with ties to the smallest expert id: Belady's victim order. A resident
 item requested now has the key t * E + (E - 1 - e), the smallest keys of the pool.
 
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specmd_jax.policies.base import NEVER
-from specmd_jax.sim.engine import SweepTotals
+from specmd_jax.sim.engine import SweepTotals, per_layer_pool_totals
 
 _EMPTY = np.iinfo(np.int32).max  # key of a position beyond the stack, larger than every real key
 _WORD_BITS = 32
@@ -73,13 +74,13 @@ def _pack_words(events: jax.Array) -> jax.Array:
 
 def _clear_lowest_bit(columns: list[jax.Array], active) -> list[jax.Array]:
     """Clear the lowest set bit of multi-word bit rows (word 0 lowest), where `active` is True."""
-    one = jnp.uint32(1)
+    bit = jnp.uint32(1)
     done = ~active
     cleared = []
     for word in columns:  # a Python loop over the few words, which avoids a cumulative sum per step
-        here = ~done & (word != 0)
-        cleared.append(jnp.where(here, word & (word - one), word))
-        done = done | here
+        first_nonzero = ~done & (word != 0)
+        cleared.append(jnp.where(first_nonzero, word & (word - bit), word))
+        done = done | first_nonzero
     return cleared
 
 
@@ -174,22 +175,5 @@ def simulate_belady_stack(capacities: jax.Array, experts: jax.Array, next_step: 
     )
     (_, size, hits), _ = jax.lax.scan(body, init, (experts, next_step, steps))
 
-    hits = hits.T  # [C, L]
-    used = experts >= 0
-    requests_per_layer = jnp.sum(used, axis=(0, 2), dtype=jnp.int32)
-    layer = jnp.broadcast_to(jnp.arange(num_layers, dtype=jnp.int32)[None, :, None], experts.shape)
-    targets = jnp.where(used, layer * num_experts + experts, num_layers * num_experts).reshape(-1)
-    seen = jnp.zeros(num_layers * num_experts, bool).at[targets].set(True, mode="drop")
-    compulsory = jnp.sum(seen.reshape(num_layers, num_experts), axis=1, dtype=jnp.int32)  # [L]
-    misses = requests_per_layer[None, :] - hits
-    occupancy = jnp.minimum(capacities[:, None], size[None, :])  # [C, L]
-    return SweepTotals(
-        requests=jnp.broadcast_to(requests_per_layer.sum(), (num_capacities,)),
-        hits=hits.sum(-1),
-        compulsory=jnp.broadcast_to(compulsory.sum(), (num_capacities,)),
-        capacity=(misses - compulsory[None, :]).sum(-1),
-        collision=jnp.zeros(num_capacities, jnp.int32),
-        evictions=(misses - occupancy).sum(-1),
-        requests_per_layer=jnp.broadcast_to(requests_per_layer, (num_capacities, num_layers)),
-        hits_per_layer=hits,
-    )
+    # The stack contains every expert its layer requested, so its size counts the compulsory misses.
+    return per_layer_pool_totals(experts, capacities, hits.T, size)

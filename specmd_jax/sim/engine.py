@@ -337,6 +337,32 @@ def _totals_from(per_layer_counts: StepCounts) -> SweepTotals:
     )
 
 
+def per_layer_pool_totals(experts: jax.Array, capacities: jax.Array, hits: jax.Array, seen: jax.Array) -> SweepTotals:
+    """Build the totals of per-layer pools that have no collision misses, for every capacity [C].
+
+    Args:
+      experts: int32 [T, L, R], `StepRequests.experts`.
+      hits: int32 [C, L], hits per capacity and layer.
+      seen: int32 [L], distinct experts each layer requested: its compulsory misses, and its final
+        occupancy where the capacity allows.
+    Every miss is inserted, so evictions are the misses minus the final occupancy min(C, seen).
+    """
+    num_capacities, num_layers = hits.shape
+    requests_per_layer = jnp.sum(experts >= 0, axis=(0, 2), dtype=jnp.int32)
+    misses = requests_per_layer[None, :] - hits
+    occupancy = jnp.minimum(capacities[:, None], seen[None, :])
+    return SweepTotals(
+        requests=jnp.broadcast_to(requests_per_layer.sum(), (num_capacities,)),
+        hits=hits.sum(-1),
+        compulsory=jnp.broadcast_to(seen.sum(), (num_capacities,)),
+        capacity=(misses - seen[None, :]).sum(-1),
+        collision=jnp.zeros(num_capacities, jnp.int32),
+        evictions=(misses - occupancy).sum(-1),
+        requests_per_layer=jnp.broadcast_to(requests_per_layer, (num_capacities, num_layers)),
+        hits_per_layer=hits,
+    )
+
+
 def _zero_counts(num_layers: int) -> StepCounts:
     return StepCounts(*(jnp.zeros(num_layers, jnp.int32) for _ in StepCounts._fields))
 

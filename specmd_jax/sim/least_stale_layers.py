@@ -1,9 +1,9 @@
 """Least-Stale in `per-layer` scope by rank counting: O(R * R) work per capacity and step.
 
-In per-layer scope a pool has one step per forward pass, so every step starts a pass: all of CURRENT has
-moved to STALE, every hit is a hit on STALE, and all of the step's requests go to the tail of CURRENT, the
-hits first and then the misses, each in ascending expert id. The queue order of an item is therefore its
-key (last request pass g, missed m, expert id e) at capacity c, where m tells whether that request was a
+In per-layer scope a pool has one step per forward pass, so every step starts a pass. All of CURRENT has
+then moved to STALE, and every hit is a hit on STALE. All of the step's requests go to the tail of CURRENT,
+the hits first and then the misses, each in ascending expert id. The queue order of an item is therefore its
+key (last request pass g, missed m, expert id e) at capacity c, where m is whether that request was a
 miss at capacity c. Victims are the smallest keys that are not requested now, and the requests take the
 largest keys. So the cache of capacity c always contains the min(c, seen) largest keys of all items seen so
 far, and a request for x is a hit at capacity c exactly when fewer than c seen items have a larger key:
@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from specmd_jax.sim.engine import SweepTotals
+from specmd_jax.sim.engine import SweepTotals, per_layer_pool_totals
 
 _UNSEEN = -1
 
@@ -40,7 +40,7 @@ def _layer_step(last_pass, missed, layer_requests, experts, step, capacities):
       missed: bool [N, C], whether that request was a miss at each capacity.
       layer_requests: int32 [T, R], this layer's requests of every pass (`StepRequests.experts[:, l]`).
       experts: int32 [R], this pass's requests, ascending, -1 padded.
-    Returns the new last_pass and missed, and the hits [C] and compulsory misses of this step.
+    Returns the new last_pass and missed, and the hits [C] of this step.
     """
     num_items = last_pass.shape[0]
     used = experts >= 0
@@ -62,7 +62,7 @@ def _layer_step(last_pass, missed, layer_requests, experts, step, capacities):
     target = jnp.where(used, item, num_items)
     last_pass = last_pass.at[target].set(step, mode="drop")
     missed = missed.at[target].set(~hit, mode="drop")
-    return last_pass, missed, jnp.sum(hit, axis=0, dtype=jnp.int32), jnp.sum(used & ~seen, dtype=jnp.int32)
+    return last_pass, missed, jnp.sum(hit, axis=0, dtype=jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("num_experts",))
@@ -78,32 +78,18 @@ def simulate_least_stale_per_layer(capacities: jax.Array, experts: jax.Array, *,
     step_layers = jax.vmap(_layer_step, in_axes=(0, 0, 0, 0, None, None))
 
     def body(carry, xs):
-        last_pass, missed, hits, compulsory = carry
+        last_pass, missed, hits = carry
         pass_experts, step = xs
-        last_pass, missed, step_hits, step_compulsory = step_layers(last_pass, missed, by_layer, pass_experts, step, capacities)
-        return (last_pass, missed, hits + step_hits, compulsory + step_compulsory), None
+        last_pass, missed, step_hits = step_layers(last_pass, missed, by_layer, pass_experts, step, capacities)
+        return (last_pass, missed, hits + step_hits), None
 
     init = (
         jnp.full((num_layers, num_experts), _UNSEEN, jnp.int32),
         jnp.zeros((num_layers, num_experts, num_capacities), bool),
         jnp.zeros((num_layers, num_capacities), jnp.int32),
-        jnp.zeros(num_layers, jnp.int32),
     )
     passes = jnp.arange(num_passes, dtype=jnp.int32)
-    (last_pass, _, hits, compulsory), _ = jax.lax.scan(body, init, (experts, passes))
+    (last_pass, _, hits), _ = jax.lax.scan(body, init, (experts, passes))
 
-    hits = hits.T  # [C, L]
-    requests_per_layer = jnp.sum(experts >= 0, axis=(0, 2), dtype=jnp.int32)
-    misses = requests_per_layer[None, :] - hits
     seen = jnp.sum(last_pass != _UNSEEN, axis=1, dtype=jnp.int32)
-    occupancy = jnp.minimum(capacities[:, None], seen[None, :])
-    return SweepTotals(
-        requests=jnp.broadcast_to(requests_per_layer.sum(), (num_capacities,)),
-        hits=hits.sum(-1),
-        compulsory=jnp.broadcast_to(compulsory.sum(), (num_capacities,)),
-        capacity=(misses - compulsory[None, :]).sum(-1),
-        collision=jnp.zeros(num_capacities, jnp.int32),
-        evictions=(misses - occupancy).sum(-1),
-        requests_per_layer=jnp.broadcast_to(requests_per_layer, (num_capacities, num_layers)),
-        hits_per_layer=hits,
-    )
+    return per_layer_pool_totals(experts, capacities, hits.T, seen)

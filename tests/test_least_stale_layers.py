@@ -54,6 +54,15 @@ def test_ranks_wide_requests() -> None:
     _assert_same(requests, trace.num_experts, feasible_capacities(requests, trace.num_experts))
 
 
+@pytest.mark.parametrize("num_experts", [32, 45, 70])
+def test_ranks_multiword_bit_sets(num_experts: int) -> None:
+    """Pools of 32, 45 and 70 experts fill one word exactly, and spread over two and three words."""
+    trace = skewed_trace(11, num_experts=num_experts, top_k=8, num_passes=60)
+    requests = build_requests(trace)
+    capacities = feasible_capacities(requests, trace.num_experts)
+    _assert_same(requests, trace.num_experts, capacities[::3] + [capacities[-1]])
+
+
 def test_ranks_hits_leave_before_misses() -> None:
     """Hand-checked: within one pass's requests, the hits are evicted before the misses."""
     # One layer, capacity 3. Pass 0 misses 0 and 2. Pass 1 hits 2 and misses 1, so the queue is 0, then 2

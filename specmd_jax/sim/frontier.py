@@ -139,6 +139,25 @@ def _occupancy(state: _FrontierState) -> jax.Array:
     return state.counter - state.front
 
 
+def fifo_per_layer_hits(capacities: jax.Array, experts: jax.Array, *, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Return FIFO's hits int32 [C, L] and the items each layer requested int32 [L], in per-layer scope.
+
+    `experts` is `StepRequests.experts`, int32 [T, L, R]; the layers' pools are independent.
+    """
+    num_layers, num_capacities = experts.shape[1], capacities.shape[0]
+
+    def body(carry, positions):
+        state, hits = carry
+        state, hit, _, _ = _pool_step(state, positions.T, capacities, _EVICTED)
+        return (state, hits + jnp.sum(hit, axis=0, dtype=jnp.int32)), None
+
+    init = (_initial_state(num_layers, num_experts, num_capacities), jnp.zeros((num_layers, num_capacities), jnp.int32))
+    (state, hits), _ = jax.lax.scan(body, init, experts)
+    # Every capacity inserts every requested item, so any capacity's column counts the items seen.
+    seen = jnp.sum(state.number[:, :, 0] != _NEVER_INSERTED, axis=1, dtype=jnp.int32)
+    return hits.T, seen
+
+
 @functools.partial(jax.jit, static_argnames=("scope", "num_experts"))
 def simulate_fifo_frontier(capacities: jax.Array, experts: jax.Array, *, scope: str, num_experts: int) -> SweepTotals:
     """FIFO totals for every capacity [C] (slots per pool) in one scan; fields have a leading axis C.
@@ -150,17 +169,8 @@ def simulate_fifo_frontier(capacities: jax.Array, experts: jax.Array, *, scope: 
     num_capacities = capacities.shape[0]
 
     if scope == "per-layer":
-
-        def body(carry, positions):
-            state, hits = carry
-            state, hit, _, _ = _pool_step(state, positions.T, capacities, _EVICTED)
-            return (state, hits + jnp.sum(hit, axis=0, dtype=jnp.int32)), None
-
-        init = (_initial_state(num_layers, num_experts, num_capacities), jnp.zeros((num_layers, num_capacities), jnp.int32))
-        (state, hits), _ = jax.lax.scan(body, init, experts)
-        # Every capacity inserts every requested item, so any capacity's column counts the items seen.
-        seen = jnp.sum(state.number[:, :, 0] != _NEVER_INSERTED, axis=1, dtype=jnp.int32)
-        return per_layer_pool_totals(experts, capacities, hits.T, seen)
+        hits, seen = fifo_per_layer_hits(capacities, experts, num_experts=num_experts)
+        return per_layer_pool_totals(experts, capacities, hits, seen)
 
     if scope != "global":
         raise ValueError(f"invalid scope '{scope}': expected 'global' or 'per-layer'")

@@ -117,12 +117,10 @@ def _pass_step(state, positions, step, capacities):
     return (last_pass, group, missed), jnp.sum(hit, axis=0, dtype=jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts",))
-def simulate_least_stale_per_layer(capacities: jax.Array, experts: jax.Array, *, num_experts: int) -> SweepTotals:
-    """Least-Stale totals in per-layer scope for every capacity [C] (slots per pool); fields have a leading axis C.
+def least_stale_hits(capacities: jax.Array, experts: jax.Array, *, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Return Least-Stale's hits int32 [C, L] and the items each layer requested int32 [L], in per-layer scope.
 
-    `experts` is `StepRequests.experts`, int32 [T, L, R]. Capacities must be feasible, as
-    `specmd_jax.sim.check_capacity` checks; this function does not check them.
+    `experts` is `StepRequests.experts`, int32 [T, L, R]; the layers' pools are independent.
     """
     num_passes, num_layers, _ = experts.shape
     num_capacities = capacities.shape[0]
@@ -144,6 +142,15 @@ def simulate_least_stale_per_layer(capacities: jax.Array, experts: jax.Array, *,
     )
     passes = jnp.arange(num_passes, dtype=jnp.int32)
     ((last_pass, _, _), hits), _ = jax.lax.scan(body, init, (experts, passes))
+    return hits.T, jnp.sum(last_pass != _UNSEEN, axis=0, dtype=jnp.int32)
 
-    seen = jnp.sum(last_pass != _UNSEEN, axis=0, dtype=jnp.int32)
-    return per_layer_pool_totals(experts, capacities, hits.T, seen)
+
+@functools.partial(jax.jit, static_argnames=("num_experts",))
+def simulate_least_stale_per_layer(capacities: jax.Array, experts: jax.Array, *, num_experts: int) -> SweepTotals:
+    """Least-Stale totals in per-layer scope for every capacity [C] (slots per pool); fields have a leading axis C.
+
+    `experts` is `StepRequests.experts`, int32 [T, L, R]. Capacities must be feasible, as
+    `specmd_jax.sim.check_capacity` checks; this function does not check them.
+    """
+    hits, seen = least_stale_hits(capacities, experts, num_experts=num_experts)
+    return per_layer_pool_totals(experts, capacities, hits, seen)

@@ -9,6 +9,7 @@ capacity sweep of one policy compiles once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -28,12 +29,12 @@ from specmd_jax.prefetch.registry import (
     check_score_tables,
     resolved_params,
 )
-from specmd_jax.sim.engine import SweepTotals, simulate_batch
+from specmd_jax.sim.engine import SweepTotals, per_layer_pool_totals, simulate_batch
 from specmd_jax.sim.prefetch import MISS_MODES, PrefetchParams, next_request_table, simulate_prefetch_batch
 from specmd_jax.sim.requests import StepRequests, build_requests, mean_router_probabilities, request_presence
-from specmd_jax.sim.belady_stack import fits_int32, simulate_belady_stack
-from specmd_jax.sim.frontier import simulate_fifo_frontier
-from specmd_jax.sim.least_stale_layers import simulate_least_stale_per_layer
+from specmd_jax.sim.belady_stack import belady_hits, fits_int32
+from specmd_jax.sim.frontier import fifo_per_layer_hits, simulate_fifo_frontier
+from specmd_jax.sim.least_stale_layers import least_stale_hits
 from specmd_jax.sim.stack import simulate_lru_stack
 from specmd_jax.traces.trace import Trace
 
@@ -329,7 +330,7 @@ def run_sweep(
 def _lru_stack(capacities, experts, next_step, *, scope, num_experts):
     # One stack pass serves all capacities at once. Per-layer pools spread over the devices by layer.
     if scope == "per-layer":
-        spread_experts, _ = _spread_layers(experts)
+        spread_experts = _spread_layers(experts)
         totals = simulate_lru_stack(capacities, spread_experts, scope=scope, num_experts=num_experts)
         return _first_layers(totals, experts.shape[1])
     return simulate_lru_stack(capacities, experts, scope=scope, num_experts=num_experts)
@@ -338,9 +339,7 @@ def _lru_stack(capacities, experts, next_step, *, scope, num_experts):
 def _fifo_over_devices(capacities, experts, next_step, *, scope, num_experts):
     # Per-layer pools spread over the host devices by layer, a global pool by capacity.
     if scope == "per-layer":
-        spread_experts, _ = _spread_layers(experts)
-        totals = simulate_fifo_frontier(capacities, spread_experts, scope=scope, num_experts=num_experts)
-        return _first_layers(totals, experts.shape[1])
+        return _per_layer_over_devices(fifo_per_layer_hits, capacities, experts, num_experts=num_experts)
     padded = _spread_over_devices(capacities, capacities.shape[0])
     totals = simulate_fifo_frontier(padded, experts, scope=scope, num_experts=num_experts)
     return jax.tree.map(lambda leaf: leaf[: capacities.shape[0]], totals)
@@ -354,30 +353,67 @@ def _padded_layers(num_layers: int) -> int:
     return -(-num_layers // devices) * devices
 
 
-def _spread_layers(experts, next_step=None):
-    """Shard the layer axis of the requests over the host devices, padding it with empty layers.
-
-    Returns the spread experts, and the spread next steps when `next_step` is given (else None).
-    """
+def _spread_layers(experts):
+    """Shard the layer axis of the requests over the host devices, padding it with empty layers."""
     num_layers = experts.shape[1]
-    devices = jax.local_devices()
-    if len(devices) < 2 or num_layers < 2:
-        return experts, next_step
+    if len(jax.local_devices()) < 2 or num_layers < 2:
+        return experts
     padded_layers = _padded_layers(num_layers)
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("layers",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "layers", None))
-    padding = ((0, 0), (0, padded_layers - num_layers), (0, 0))
     if padded_layers > num_layers:
-        experts = jnp.pad(experts, padding, constant_values=-1)
-    experts = jax.device_put(experts, sharding)
-    if next_step is None:
-        return experts, None
-    if padded_layers > num_layers:
-        # Next-request steps count p * L + l; renumber them for the padded layer count.
-        finite = (next_step >= 0) & (next_step != NEVER)
-        next_step = jnp.where(finite, next_step // num_layers * padded_layers + next_step % num_layers, next_step)
-        next_step = jnp.pad(next_step, padding, constant_values=-1)
-    return experts, jax.device_put(next_step, sharding)
+        experts = jnp.pad(experts, ((0, 0), (0, padded_layers - num_layers), (0, 0)), constant_values=-1)
+    return jax.device_put(experts, jax.sharding.NamedSharding(_layer_mesh(), jax.sharding.PartitionSpec(None, "layers", None)))
+
+
+def _renumber_steps(next_step, num_layers: int, padded_layers: int):
+    """Renumber next-request steps p * L + l as p * padded_layers + l; other values stay."""
+    finite = (next_step >= 0) & (next_step != NEVER)
+    return jnp.where(finite, next_step // num_layers * padded_layers + next_step % num_layers, next_step)
+
+
+def _layer_mesh() -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.asarray(jax.local_devices()), ("layers",))
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_over_layers(core, num_experts: int, num_inputs: int, num_devices: int):
+    """Jit `core` with its [T, L, ...] inputs and its outputs (hits [C, L], seen [L]) split by layer.
+
+    Each device runs its own layers' pools with no communication. Sharding the inputs alone also works
+    when the step is written with vmap. A step that indexes the layer axis itself then ran about 50x
+    slower on 2 host devices, probably because XLA's partitioner cannot split its gathers by layer.
+    """
+    del num_devices  # part of the cache key: the mesh depends on it
+    specs = [jax.sharding.PartitionSpec(None, "layers")] * num_inputs
+    mapped = jax.shard_map(
+        functools.partial(core, num_experts=num_experts),
+        mesh=_layer_mesh(),
+        in_specs=(jax.sharding.PartitionSpec(), *specs),
+        out_specs=(jax.sharding.PartitionSpec(None, "layers"), jax.sharding.PartitionSpec("layers")),
+        # The cores build their scan carries from constants, which the varying-axis check rejects.
+        check_vma=False,
+    )
+    return jax.jit(mapped)
+
+
+def _per_layer_over_devices(core, capacities, *inputs, num_experts: int) -> SweepTotals:
+    """Run a per-layer core on inputs [T, L, ...] with the layers spread over the host devices.
+
+    `core(capacities, *inputs, num_experts=...)` returns the hits int32 [C, L] and the items each layer
+    requested int32 [L]. The layers are padded with empty ones to a multiple of the devices.
+    """
+    experts = inputs[0]
+    num_layers = experts.shape[1]
+    padded_layers = _padded_layers(num_layers)
+    if padded_layers == num_layers and len(jax.local_devices()) < 2:
+        hits, seen = jax.jit(functools.partial(core, num_experts=num_experts))(capacities, *inputs)
+    else:
+        padded = [
+            jnp.pad(array, [(0, 0), (0, padded_layers - num_layers)] + [(0, 0)] * (array.ndim - 2), constant_values=-1)
+            for array in inputs
+        ]
+        run = _sharded_over_layers(core, num_experts, len(inputs), len(jax.local_devices()))
+        hits, seen = run(capacities, *padded)
+    return per_layer_pool_totals(experts, capacities, hits[:, :num_layers], seen[:num_layers])
 
 
 def _first_layers(totals: SweepTotals, num_layers: int) -> SweepTotals:
@@ -388,17 +424,17 @@ def _first_layers(totals: SweepTotals, num_layers: int) -> SweepTotals:
 
 def _belady_over_devices(capacities, experts, next_step, *, scope, num_experts):
     del scope  # per-layer only, see _takes_fast_path
-    # The layers' pools are independent, so they spread over the host devices.
-    spread_experts, spread_next = _spread_layers(experts, next_step)
-    totals = simulate_belady_stack(capacities, spread_experts, spread_next, num_experts=num_experts)
-    return _first_layers(totals, experts.shape[1])
+    # Keys count steps p * L + l over the padded layer count, so the padded layers get step numbers too.
+    num_passes, num_layers, _ = experts.shape
+    padded_layers = _padded_layers(num_layers)
+    next_step = _renumber_steps(next_step, num_layers, padded_layers)
+    steps = jnp.arange(num_passes * padded_layers, dtype=jnp.int32).reshape(num_passes, padded_layers)[:, :num_layers]
+    return _per_layer_over_devices(belady_hits, capacities, experts, next_step, steps, num_experts=num_experts)
 
 
 def _least_stale_over_devices(capacities, experts, next_step, *, scope, num_experts):
     del scope  # per-layer only, see _takes_fast_path
-    spread_experts, _ = _spread_layers(experts)
-    totals = simulate_least_stale_per_layer(capacities, spread_experts, num_experts=num_experts)
-    return _first_layers(totals, experts.shape[1])
+    return _per_layer_over_devices(least_stale_hits, capacities, experts, num_experts=num_experts)
 
 
 _FAST_PATHS = {

@@ -69,6 +69,20 @@ def test_frontier_random_traces(scope: str, seed: int) -> None:
     _assert_same(requests, trace.num_experts, scope, _all_feasible(requests, trace.num_experts, scope))
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_frontier_wide_prefill_steps(scope: str) -> None:
+    """Prefill passes of up to 12 tokens request more than 32 of 70 experts per layer and step."""
+    rng = np.random.default_rng(5)
+    pass_lengths = rng.integers(1, 13, 12)
+    num_tokens = int(pass_lengths.sum())
+    ids = np.stack([[rng.choice(70, 8, replace=False) for _ in range(2)] for _ in range(num_tokens)])
+    trace = trace_from_tokens(ids, np.zeros((num_tokens, 2), bool), pass_lengths, 70)
+    requests = build_requests(trace)
+    assert int(requests.counts.max()) > 32, "the trace should exceed one 32-bit word of request slots"
+    capacities = _all_feasible(requests, trace.num_experts, scope)
+    _assert_same(requests, trace.num_experts, scope, capacities[::7] + [capacities[-1]])
+
+
 def test_frontier_random_trace_has_collisions() -> None:
     """The random traces cause collision and capacity misses, so the global comparisons check both classes."""
     trace = _random_trace(0)
@@ -82,7 +96,7 @@ def test_frontier_random_trace_has_collisions() -> None:
 def test_frontier_skips_requested_items_at_front() -> None:
     """Hand-checked case: the front skips a hit on the oldest item, which stays resident until step 2."""
     # One layer, capacity 2. Step 0 inserts 0 and 1. Step 1 hits 0 and misses 2, so the front passes 0
-    # (requested) and evicts 1. Step 2 requests 3: the oldest resident is 0 (pinned), so 0 is evicted.
+    # (requested) and evicts 1. Step 2 requests 3: the oldest resident is 0 (skipped, so still the oldest), and 0 is evicted.
     experts = np.array([[[0, 1]], [[0, 2]], [[3, -1]], [[0, 2]]], np.int32)
     fast = simulate_fifo_frontier(jnp.asarray([2], jnp.int32), jnp.asarray(experts), scope="per-layer", num_experts=4)
     # Step 3 hits 2, misses 0 (a capacity miss) and evicts 3, the oldest item it does not request.

@@ -17,25 +17,27 @@ TWO_DEVICE_SCRIPT = textwrap.dedent(
 
     assert jax.device_count() == 2, jax.devices()
     rng = np.random.default_rng(7)
-    # 3 layers, so spreading layers over 2 devices pads one empty layer.
-    num_tokens, num_layers, num_experts, top_k = 60, 3, 9, 2
-    ids = np.stack([[rng.choice(num_experts, top_k, replace=False) for _ in range(num_layers)] for _ in range(num_tokens)])
-    missing = rng.random((num_tokens, num_layers)) < 0.1
-    ids[missing] = -1
-    trace = make_trace(ids, TraceMetadata("random", num_layers, num_experts, top_k, "two devices"), missing=missing)
-    requests = build_requests(trace)
-    smallest = int(requests.counts.max())
-    fields = ("hits", "compulsory_misses", "capacity_misses", "collision_misses", "evictions")
-    for scope, layers in (("per-layer", num_layers), ("global", 1)):
-        for policy in ("lru", "fifo", "least-stale", "belady"):
-            # An odd number of capacities, so spreading capacities over the devices pads the batch too.
-            configs = [SimConfig(policy, (smallest + extra) * layers) for extra in (0, 2, 5)]
-            fast = run_sweep(requests, configs, scope=scope, num_experts=num_experts)
-            slow = run_sweep(requests, configs, scope=scope, num_experts=num_experts, fast_paths=False)
-            for a, b in zip(fast, slow):
-                for field in fields:
-                    assert getattr(a, field) == getattr(b, field), (scope, policy, a.config.capacity, field)
-                assert np.array_equal(a.hits_per_layer, b.hits_per_layer), (scope, policy, a.config.capacity)
+    # 3 layers, so spreading layers over 2 devices pads one empty layer; 1 layer stays on one device.
+    for num_layers in (3, 1):
+        num_tokens, num_experts, top_k = 60, 9, 2
+        ids = np.stack([[rng.choice(num_experts, top_k, replace=False) for _ in range(num_layers)] for _ in range(num_tokens)])
+        missing = rng.random((num_tokens, num_layers)) < 0.1
+        ids[missing] = -1
+        trace = make_trace(ids, TraceMetadata("random", num_layers, num_experts, top_k, "two devices"), missing=missing)
+        requests = build_requests(trace)
+        smallest = int(requests.counts.max())
+        fields = ("hits", "compulsory_misses", "capacity_misses", "collision_misses", "evictions")
+        for scope, layers in (("per-layer", num_layers), ("global", 1)):
+            for policy in ("lru", "fifo", "least-stale", "belady"):
+                # An odd number of capacities, so spreading capacities over the devices pads the batch too.
+                configs = [SimConfig(policy, (smallest + extra) * layers) for extra in (0, 2, 5)]
+                fast = run_sweep(requests, configs, scope=scope, num_experts=num_experts)
+                slow = run_sweep(requests, configs, scope=scope, num_experts=num_experts, fast_paths=False)
+                for a, b in zip(fast, slow):
+                    where = (num_layers, scope, policy, a.config.capacity)
+                    for field in fields:
+                        assert getattr(a, field) == getattr(b, field), where + (field,)
+                    assert np.array_equal(a.hits_per_layer, b.hits_per_layer), where
     print("fast paths equal the scan on 2 devices")
     """
 )
@@ -57,7 +59,8 @@ def test_zero_passes_take_the_generic_scan() -> None:
 
     experts = np.full((0, 2, 1), -1, np.int32)
     requests = StepRequests(experts, experts.copy(), np.zeros((0, 2), np.int32))
-    for policy in ("lru", "fifo", "least-stale", "belady"):
-        (result,) = run_sweep(requests, [SimConfig(policy, 2)], scope="per-layer", num_experts=4)
-        assert result.requests == 0, policy
-        assert result.hits == 0, policy
+    for scope in ("per-layer", "global"):
+        for policy in ("lru", "fifo", "least-stale", "belady"):
+            (result,) = run_sweep(requests, [SimConfig(policy, 2)], scope=scope, num_experts=4)
+            assert result.requests == 0, (scope, policy)
+            assert result.hits == 0, (scope, policy)

@@ -371,8 +371,9 @@ def _simulate_global(policy, params, capacity, seed, experts, next_step, num_exp
     num_passes, num_layers, _ = experts.shape
     num_items = num_layers * num_experts
     flat_offset = (jnp.arange(num_layers, dtype=jnp.int32) * num_experts)[None, :, None]
-    positions = jnp.where(experts >= 0, experts + flat_offset, -1).reshape(num_passes * num_layers, -1)
-    next_steps = next_step.reshape(num_passes * num_layers, -1)
+    # An explicit slot count, because -1 cannot be inferred for zero passes.
+    positions = jnp.where(experts >= 0, experts + flat_offset, -1).reshape(num_passes * num_layers, experts.shape[2])
+    next_steps = next_step.reshape(num_passes * num_layers, experts.shape[2])
     steps = jnp.arange(num_passes * num_layers, dtype=jnp.int32)
     base_key = jax.random.PRNGKey(seed)
 

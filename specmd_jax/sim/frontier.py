@@ -154,7 +154,7 @@ def fifo_per_layer_hits(capacities: jax.Array, experts: jax.Array, *, num_expert
     init = (_initial_state(num_layers, num_experts, num_capacities), jnp.zeros((num_layers, num_capacities), jnp.int32))
     (state, hits), _ = jax.lax.scan(body, init, experts)
     # Every capacity inserts every requested item, so any capacity's column counts the items seen.
-    seen = jnp.sum(state.number[:, :, 0] != _NEVER_INSERTED, axis=1, dtype=jnp.int32)
+    seen = jnp.sum(state.number[:, :, :1] != _NEVER_INSERTED, axis=(1, 2), dtype=jnp.int32)
     return hits.T, seen
 
 

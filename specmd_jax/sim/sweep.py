@@ -242,7 +242,7 @@ def run_sweep(
     stack-distance pass for all its capacities (`specmd_jax.sim.stack`), and FIFO keeps insertion numbers
     and an eviction front instead of a rank per item (`specmd_jax.sim.frontier`). In `per-layer` scope,
     Belady runs as one OPT stack pass for all its capacities (`specmd_jax.sim.belady_stack`) and
-    Least-Stale by counting ranks over the request slots (`specmd_jax.sim.least_stale_layers`).
+    Least-Stale by counting ranks on bit sets of items (`specmd_jax.sim.least_stale_layers`).
 
     Prefetching needs a Trace (not StepRequests) and `global` scope. `train_fraction` is the share of
     passes on which trained prefetchers (co-occurrence, top-k, score) estimate their tables;
@@ -401,12 +401,13 @@ def _per_layer_over_devices(core, capacities, *inputs, num_experts: int) -> Swee
     """Run a per-layer core on inputs [T, L, ...] with the layers spread over the host devices.
 
     `core(capacities, *inputs, num_experts=...)` returns the hits int32 [C, L] and the items each layer
-    requested int32 [L]. The layers are padded with empty ones to a multiple of the devices.
+    requested int32 [L]. With two or more layers and devices, the layers are padded with empty ones to a
+    multiple of the devices; a single layer runs on one device.
     """
     experts = inputs[0]
     num_layers = experts.shape[1]
     padded_layers = _padded_layers(num_layers)
-    if padded_layers == num_layers and len(jax.local_devices()) < 2:
+    if len(jax.local_devices()) < 2 or num_layers < 2:
         hits, seen = jax.jit(functools.partial(core, num_experts=num_experts))(capacities, *inputs)
     else:
         padded = inputs

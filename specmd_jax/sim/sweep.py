@@ -377,17 +377,20 @@ def _layer_mesh() -> jax.sharding.Mesh:
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded_over_layers(core, num_experts: int, num_inputs: int, num_devices: int):
-    """Jit `core` with its [T, L, ...] inputs and its outputs (hits [C, L], seen [L]) split by layer.
+def _compiled_core(core, num_experts: int, num_inputs: int, num_devices: int):
+    """Jit `core`; on several devices, split its [T, L, ...] inputs and its outputs (hits [C, L], seen [L]) by layer.
 
-    Each device runs its own layers' pools with no communication. Sharding the inputs alone also works
-    when the step is written with vmap. A step that indexes the layer axis itself then ran about 50x
-    slower on 2 host devices, probably because XLA's partitioner cannot split its gathers by layer.
+    The cache keeps one jitted function per core, so repeated sweeps do not compile again. Each device
+    runs its own layers' pools with no communication. Sharding the inputs alone also works when the step
+    is written with vmap. A step that indexes the layer axis itself then ran about 50x slower on 2 host
+    devices, probably because XLA's partitioner cannot split its gathers by layer.
     """
-    del num_devices  # part of the cache key: the mesh depends on it
+    bound = functools.partial(core, num_experts=num_experts)
+    if num_devices < 2:
+        return jax.jit(bound)
     specs = [jax.sharding.PartitionSpec(None, "layers")] * num_inputs
     mapped = jax.shard_map(
-        functools.partial(core, num_experts=num_experts),
+        bound,
         mesh=_layer_mesh(),
         in_specs=(jax.sharding.PartitionSpec(), *specs),
         out_specs=(jax.sharding.PartitionSpec(None, "layers"), jax.sharding.PartitionSpec("layers")),
@@ -401,23 +404,19 @@ def _per_layer_over_devices(core, capacities, *inputs, num_experts: int) -> Swee
     """Run a per-layer core on inputs [T, L, ...] with the layers spread over the host devices.
 
     `core(capacities, *inputs, num_experts=...)` returns the hits int32 [C, L] and the items each layer
-    requested int32 [L]. With two or more layers and devices, the layers are padded with empty ones to a
-    multiple of the devices; a single layer runs on one device.
+    requested int32 [L]. With two or more layers and devices, empty layers pad the layer count to a
+    multiple of the devices. A single layer runs on one device.
     """
     experts = inputs[0]
     num_layers = experts.shape[1]
     padded_layers = _padded_layers(num_layers)
-    if len(jax.local_devices()) < 2 or num_layers < 2:
-        hits, seen = jax.jit(functools.partial(core, num_experts=num_experts))(capacities, *inputs)
-    else:
-        padded = inputs
-        if padded_layers > num_layers:
-            padded = [
-                jnp.pad(array, [(0, 0), (0, padded_layers - num_layers)] + [(0, 0)] * (array.ndim - 2), constant_values=-1)
-                for array in inputs
-            ]
-        run = _sharded_over_layers(core, num_experts, len(inputs), len(jax.local_devices()))
-        hits, seen = run(capacities, *padded)
+    num_devices = len(jax.local_devices()) if num_layers > 1 else 1
+    if padded_layers > num_layers:
+        inputs = [
+            jnp.pad(array, [(0, 0), (0, padded_layers - num_layers)] + [(0, 0)] * (array.ndim - 2), constant_values=-1)
+            for array in inputs
+        ]
+    hits, seen = _compiled_core(core, num_experts, len(inputs), num_devices)(capacities, *inputs)
     return per_layer_pool_totals(experts, capacities, hits[:, :num_layers], seen[:num_layers])
 
 
@@ -432,8 +431,9 @@ def _belady_over_devices(capacities, experts, next_step, *, scope, num_experts):
     # The OPT stack step is written with vmap over layers, so sharding its inputs by layer splits the work
     # without shard_map. On 2 host devices that measured 1.2 s against 1.4-1.6 s under shard_map.
     # Keys count steps p * L + l, so the padded layer count renumbers the next-request steps.
-    if _padded_layers(experts.shape[1]) > experts.shape[1]:
-        next_step = _renumber_steps(next_step, experts.shape[1], _padded_layers(experts.shape[1]))
+    num_layers, padded_layers = experts.shape[1], _padded_layers(experts.shape[1])
+    if padded_layers > num_layers:
+        next_step = _renumber_steps(next_step, num_layers, padded_layers)
     spread_experts, spread_next = _spread_layers(experts, next_step)
     totals = simulate_belady_stack(capacities, spread_experts, spread_next, num_experts=num_experts)
     return _first_layers(totals, experts.shape[1])

@@ -45,9 +45,9 @@ of one pool.
 Layout and XLA:CPU costs (2 cores). All L per-layer pools advance in one step as P = L pools. Arrays are
 [R, P, C]: the request slot leads, so sums over it add whole rows (sums over a middle axis measured several
 times slower), and the capacity axis is last, so the gather and the scatter move rows of C values. Counting
-misses in lower slots uses one bit per slot and a popcount: a cumulative sum lowers to a reduce-window, and
-unrolled adds stack into a transpose, both more than twice as slow here. For the hits' order, the R x R
-comparison measured faster than bit sets over the offsets.
+misses in lower slots uses one bit per slot and a popcount. A cumulative sum lowers to a slow
+reduce-window, and unrolled adds, which stack into a transpose, made the per-layer step 2.5x slower. For
+the hits' order, the R x R comparison measured faster than bit sets over the offsets.
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ def _initial_state(num_pools: int, num_items: int, num_capacities: int) -> _Fron
 
 
 def order_among_flags(flags: jax.Array) -> jax.Array:
-    """For bool [R, ...] flags, the number of set flags at smaller indices of axis 0, as int32.
+    """Count, for bool [R, ...] flags, the set flags at smaller indices of axis 0, as int32.
 
-    With R <= 32, one bit per index and a popcount below each index's bit: elementwise work and one sum.
-    A cumulative sum lowers to a reduce-window, which measured about 6x slower on XLA:CPU here, so larger
-    R uses unrolled adds.
+    With R <= 32, one bit per index and a popcount below each index's bit give elementwise work and one
+    sum. A cumulative sum lowers to a reduce-window on XLA:CPU: in a scan body, 8 slots of a [16, 8, 16]
+    array took 3.1 us against 0.4 us for a plain sum (one microbenchmark). Larger R uses unrolled adds.
     """
     num_slots = flags.shape[0]
     if num_slots > _WORD_BITS:
